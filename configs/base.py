@@ -19,7 +19,8 @@ def get_config():
 
   # ---- data -------------------------------------------------------------------------
   # `data.dir` holds the converter's output: TFRecord shards, `dataset_info.json` and a
-  # `verification/` folder of pair sets (python -m sface_jax.tools.convert).
+  # `verification/` folder of pair sets (python -m sface_jax.tools.convert); '' means
+  # `<workdir>/data`.
   config.data = ml_collections.ConfigDict()
   config.data.dir = ''
   config.data.num_classes = -1  # -1: read from dataset_info.json; otherwise checked.
@@ -27,6 +28,16 @@ def get_config():
   config.data.random_flip = True
   config.data.shuffle_buffer = 20_000
   config.data.prefetch = 2  # batches prepared ahead of the step.
+  # A raw dataset converted into `data.dir` on first use, through the same converter as
+  # `python -m sface_jax.tools.convert` (its flags, by the same names): an insightface folder,
+  # an image folder, or `package:folder` inside an installed Python package. '' = none.
+  config.data.convert = ml_collections.ConfigDict()
+  config.data.convert.source = ''
+  config.data.convert.identities = ''  # image folders: e.g. 's1..s30'; '' = all not held out
+  config.data.convert.verification_identities = ''  # held out to build a pair set
+  config.data.convert.verification_name = 'val'
+  config.data.convert.file_pattern = ''  # e.g. '*.pgm'
+  config.data.convert.image_size = 0  # 0: keep the images' size
 
   # ---- backbone ---------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
@@ -59,9 +70,13 @@ def get_config():
   config.optimizer.b1 = 0.9  # adamw
   config.optimizer.b2 = 0.999
   config.optimizer.weight_decay = 5e-4
-  # Parameters whose path matches this regex get no weight decay (seed 000's second
-  # parameter group: batch-norm and PReLU parameters and biases at 0, the rest at 5e-4).
-  config.optimizer.no_decay = r'.*(bias|scale|prelu|alpha).*'
+  # Parameters whose '/'-joined path matches this regex get no weight decay. The default
+  # matches batch-norm scales and shifts (and biases): seed 000's second parameter group,
+  # zhongyy/SFace's `separate_irse_bn_paras`. '' decays everything (insightface).
+  config.optimizer.no_decay = r'.*/(scale|bias)'
+  # Parameters that never change (torch's requires_grad=False): ArcFace's fixed γ of the
+  # embedding batch norm. Neither the gradient nor weight decay moves them.
+  config.optimizer.frozen = r'(.*/)?features/scale'
   config.optimizer.grad_clip_norm = 0.0  # 0: no clipping.
 
   config.schedule = ml_collections.ConfigDict()

@@ -1,0 +1,147 @@
+"""Checkpoints: one global orbax checkpoint per step, never one per process.
+
+Layout of a work directory:
+  DIR/config.json                  the run's configuration (written once, at the start)
+  DIR/checkpoints/<step>/state     the whole train state (params, batch_stats, optimiser
+                                   state, head state, RNG, step), each array saved by the
+                                   processes that hold its shards
+  DIR/checkpoints/<step>/meta      JSON: best verification accuracies so far, and the like
+
+Orbax writes a step to a temporary directory and renames it when complete, so a run killed
+at any moment (even `kill -9` in the middle of a save) leaves only finished checkpoints, and
+a restart resumes from the newest one. Because the input order is a pure function of (seed,
+step) and the RNG is folded with the step, (state, step) is all a resume needs.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: {workdir} is not a sface_jax work directory')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with our two items, `state` and `meta`."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts saving (asynchronously where orbax can); `wait()` blocks until it is on disk."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores `step` into the structure, dtypes and shardings of `abstract_state`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.meta or {})
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _resolve(path: str) -> tuple[str, int]:
+  """A work directory (newest step) or one step's directory -> (workdir, step)."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINT_DIR),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if os.path.isdir(manager.directory) else None
+    if step is None:
+      raise FileNotFoundError(f'{path} holds no finished checkpoint under {CHECKPOINT_DIR}/')
+    return path, step
+  parent = os.path.dirname(path)
+  if (os.path.basename(parent) == CHECKPOINT_DIR and os.path.basename(path).isdigit()
+      and os.path.exists(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
+    return os.path.dirname(parent), int(os.path.basename(path))
+  raise FileNotFoundError(
+      f'{path} is neither a work directory (with {CONFIG_FILE}) nor a checkpoint '
+      f'(<workdir>/{CHECKPOINT_DIR}/<step>)')
+
+
+def load_for_inference(path: str, *, model_name: str | None = None):
+  """Backbone and its variables from a work directory or a step directory, for embedding.
+
+  Restores only `params/backbone` and `batch_stats` (never the class centres or the optimiser
+  state, which can be far larger than the backbone). `model_name` overrides the architecture
+  named in `config.json`; a checkpoint of another architecture is an error naming both.
+
+  Returns (config, model, variables) with variables = {'params', 'batch_stats'}.
+  """
+  from sface_jax import models  # pylint: disable=g-import-not-at-top
+  workdir, step = _resolve(path)
+  config = load_config(workdir)
+  trained_name = config.model.name
+  name = model_name or trained_name
+  model = models.get_model(name, embedding_dim=config.model.embedding_dim,
+                           dtype=config.model.dtype)
+  size = config.data.image_size
+  expected = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32),
+                         train=False))
+  # On this process's first device, whatever topology the checkpoint was written from
+  # (evaluation replicates the variables onto its own mesh).
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
+      {'params': {'backbone': expected['params']},
+       'batch_stats': expected.get('batch_stats', {})})
+  manager = ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  where = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))).state
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'{where} (trained as {trained_name!r}) does not fit model {name!r}: '
+                     f'{e}') from e
+  expected_shapes = jax.tree_util.tree_flatten_with_path(target)[0]
+  restored_shapes = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+  for key_path, leaf in expected_shapes:
+    got = restored_shapes.get(key_path)
+    if got is None or tuple(got.shape) != tuple(leaf.shape):
+      raise ValueError(
+          f'{where} holds a {trained_name!r} backbone, which does not fit model {name!r}: '
+          f'{jax.tree_util.keystr(key_path)} is '
+          f'{None if got is None else tuple(got.shape)} in the checkpoint, '
+          f'{tuple(leaf.shape)} in {name!r}')
+  variables = {'params': restored['params']['backbone'],
+               'batch_stats': restored['batch_stats']}
+  return config, model, variables

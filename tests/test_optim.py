@@ -1,0 +1,112 @@
+"""Optimiser, schedules and partition rules against formulas written here in NumPy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import base
+from sface_jax import optim
+from sface_jax import sharding
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  return {'backbone': {'conv1': {'kernel': rng.normal(size=(3, 3, 3, 4)).astype(np.float32)},
+                       'bn1': {'scale': rng.normal(size=(4,)).astype(np.float32),
+                               'bias': rng.normal(size=(4,)).astype(np.float32)},
+                       'features': {'scale': np.ones((4,), np.float32),
+                                    'bias': np.zeros((4,), np.float32)}},
+          'classifier': {'class_centers': rng.normal(size=(4, 10)).astype(np.float32)}}
+
+
+def test_sgd_matches_pytorch_semantics_with_masked_decay_and_frozen_gamma():
+  """torch.optim.SGD: v ← μv + (g + λw) (λ = 0 in the no-decay group); w ← w − lr·v."""
+  config = base.get_config().optimizer
+  config.weight_decay, config.momentum = 5e-4, 0.9
+  lr = 0.1
+  params = _params()
+  optimizer = optim.make_optimizer(config, optax.constant_schedule(lr))
+  state = optimizer.init(params)
+  rng = np.random.default_rng(1)
+  expected = jax.tree.map(np.float64, params)
+  velocity = jax.tree.map(np.zeros_like, expected)
+  current = params
+  for _ in range(3):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    updates, state = optimizer.update(grads, state, current)
+    current = optax.apply_updates(current, updates)
+    flat_expected = jax.tree_util.tree_flatten_with_path(expected)[0]
+    new_expected, new_velocity = {}, {}
+    for (path, w), v, g in zip(flat_expected, jax.tree.leaves(velocity), jax.tree.leaves(grads)):
+      name = sharding.path_name(path)
+      if name.endswith('features/scale'):  # frozen: never moves
+        new_velocity[name], new_expected[name] = v, w
+        continue
+      decay = 0.0 if name.endswith(('scale', 'bias')) else 5e-4
+      v = 0.9 * v + (g + decay * w)
+      new_velocity[name], new_expected[name] = v, w - lr * v
+    treedef = jax.tree.structure(expected)
+    names = [sharding.path_name(p) for p, _ in flat_expected]
+    expected = jax.tree.unflatten(treedef, [new_expected[n] for n in names])
+    velocity = jax.tree.unflatten(treedef, [new_velocity[n] for n in names])
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(current)[0],
+                               jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                               err_msg=sharding.path_name(path))
+  np.testing.assert_array_equal(current['backbone']['features']['scale'], 1.0)
+
+
+def _schedule(name, **overrides):
+  config = base.get_config().schedule
+  config.name = name
+  config.learning_rate = 0.1
+  config.warmup_epochs = 1.0
+  for key, value in overrides.items():
+    config[key] = value
+  return optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+
+
+@pytest.mark.parametrize('name,formula', [
+    ('piecewise', lambda t: 0.1 * 0.1 ** sum(t >= b for b in (30, 60))),
+    ('polynomial', lambda t: 0.1 * (1 - (t - 10) / 90) ** 2),
+    ('cosine', lambda t: 0.1 * 0.5 * (1 + math.cos(math.pi * (t - 10) / 90))),
+    ('constant', lambda t: 0.1),
+])
+def test_schedules_follow_their_formulas_after_a_linear_warmup(name, formula):
+  schedule = _schedule(name, boundaries_epochs=(3.0, 6.0))
+  for t in range(0, 100):
+    want = 0.1 * t / 10 if t < 10 else formula(t)
+    assert float(schedule(t)) == pytest.approx(want, rel=1e-5, abs=1e-7), (name, t)
+
+
+def test_unknown_names_are_errors_naming_the_field():
+  with pytest.raises(ValueError, match='config.schedule.name'):
+    _schedule('exponential')
+  config = base.get_config().optimizer
+  config.name = 'lamb'
+  with pytest.raises(ValueError, match='config.optimizer.name'):
+    optim.make_optimizer(config, optax.constant_schedule(0.1))
+
+
+def test_partition_rules_put_the_class_axis_on_model():
+  assert sharding.partition_spec('params/classifier/class_centers', 2) == P(None, 'model')
+  assert sharding.partition_spec('params/classifier/bias', 1) == P('model')
+  assert sharding.partition_spec('head_state/centers', 2) == P('model', None)
+  assert sharding.partition_spec('params/backbone/layer1_0/conv1/kernel', 4) == P()
+  # The optimiser's momentum for the centres lives under another prefix: same rule.
+  assert sharding.partition_spec('opt_state/0/inner_state/1/0/trace/classifier/class_centers',
+                                 2) == P(None, 'model')
+
+
+def test_mesh_axis_sizes():
+  config = base.get_config()
+  mesh = sharding.make_mesh(config.mesh)
+  assert dict(mesh.shape) == {'data': jax.device_count(), 'model': 1}
+  config.mesh.data, config.mesh.model = -1, -1
+  with pytest.raises(ValueError, match='only one axis may be -1'):
+    sharding.make_mesh(config.mesh)

@@ -1,0 +1,340 @@
+"""Tests of sface_jax.data.pipeline on TFRecord shards written here.
+
+The synthetic fixture stores PNGs (lossless) whose pixels carry the record's id: pixel (0, 0)
+holds (id // 256, id % 256, label) and pixel (1, 0) a marker that moves to the right edge when
+the image is flipped, so a decoded batch says which records it holds, whether each was
+flipped and whether image and label still belong together.
+"""
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+from PIL import Image, ImageOps
+import pytest
+import tensorflow as tf
+
+from sface_jax.data import pipeline
+from sface_jax.data import tfrecord
+
+SIDE = 8  # synthetic images are SIDE x SIDE
+MARKER = 250
+
+
+def _write_shards(directory, shards, num_classes, verification=None):
+  """shards: list of lists of (image bytes, label); returns the DatasetInfo read back."""
+  os.makedirs(directory, exist_ok=True)
+  entries = []
+  for s, records in enumerate(shards):
+    name = tfrecord.shard_name(s, len(shards))
+    with tf.io.TFRecordWriter(os.path.join(directory, name)) as writer:
+      for image_bytes, label in records:
+        writer.write(tfrecord.encode_example(image_bytes, label))
+    entries.append((name, len(records)))
+  tfrecord.write_info(tfrecord.DatasetInfo(
+      directory=str(directory), num_classes=num_classes,
+      num_examples=sum(n for _, n in entries), image_size=(SIDE, SIDE),
+      shards=tuple(entries), verification=verification or {}))
+  return tfrecord.read_info(str(directory))
+
+
+def _id_png(record_id, label):
+  pixels = np.zeros((SIDE, SIDE, 3), np.uint8)
+  pixels[0, 0] = (record_id // 256, record_id % 256, label)
+  pixels[1, 0] = MARKER
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+def _synthetic(directory, shard_sizes, num_classes=7):
+  """Record ids are consecutive over the shards; label = id % num_classes."""
+  shards, next_id = [], 0
+  for size in shard_sizes:
+    shards.append([(_id_png(i, i % num_classes), i % num_classes)
+                   for i in range(next_id, next_id + size)])
+    next_id += size
+  return _write_shards(directory, shards, num_classes)
+
+
+def _read_ids(images):
+  """Normalised batch -> (record ids, flipped flags, labels stored in the pixels)."""
+  pixels = np.rint(np.asarray(images) * 128.0 + 127.5).astype(np.int64)
+  flipped = pixels[:, 1, -1, 0] == MARKER
+  corner = np.where(flipped[:, None], pixels[:, 0, -1, :], pixels[:, 0, 0, :])
+  return corner[:, 0] * 256 + corner[:, 1], flipped, corner[:, 2]
+
+
+@pytest.fixture(scope='module')
+def four_shards(tmp_path_factory):
+  """40 records, 4 shards of 10: splits by files over 2 hosts."""
+  return _synthetic(tmp_path_factory.mktemp('four_shards'), [10, 10, 10, 10])
+
+
+@pytest.fixture(scope='module')
+def uneven_shards(tmp_path_factory):
+  """21 records in shards of 7, 6, 8: files would give hosts 15 and 6, so records split."""
+  return _synthetic(tmp_path_factory.mktemp('uneven_shards'), [7, 6, 8])
+
+
+@pytest.fixture(scope='module')
+def orl_jpegs(shared_data, tmp_path_factory):
+  """Real faces: people s1-s4, padded to 112 x 112, RGB JPEG quality 90, one shard."""
+  records = []
+  for person in range(4):
+    for shot in range(1, 11):
+      face = Image.open(shared_data / 'orl' / 'faces' / f's{person + 1}' / f'{shot}.pgm')
+      buf = io.BytesIO()
+      ImageOps.pad(face, (112, 112)).convert('RGB').save(buf, 'JPEG', quality=90)
+      records.append((buf.getvalue(), person))
+  info = _write_shards(tmp_path_factory.mktemp('orl'), [records], num_classes=4)
+  return info, records
+
+
+def _batches(info, steps, **kwargs):
+  kwargs.setdefault('seed', 0)
+  kwargs.setdefault('shuffle_buffer', 16)
+  kwargs.setdefault('image_size', SIDE)
+  kwargs.setdefault('process_index', 0)
+  kwargs.setdefault('process_count', 1)
+  iterator = pipeline.train_dataset(info, **kwargs)
+  return [next(iterator) for _ in range(steps)]
+
+
+def _epoch_ids(info, epochs, **kwargs):
+  """The ids one host reads in its first `epochs` epochs, one array per epoch."""
+  kwargs.setdefault('process_index', 0)
+  kwargs.setdefault('process_count', 1)
+  split = pipeline.host_split(info, kwargs['process_index'], kwargs['process_count'],
+                              kwargs.get('shard_by', 'auto'))
+  ds = pipeline.make_train_dataset(
+      info, batch_size=kwargs['process_count'], image_size=SIDE, seed=kwargs.pop('seed', 0),
+      shuffle_buffer=kwargs.pop('shuffle_buffer', 16), **kwargs).unbatch()
+  images = np.stack([e['image'] for e in
+                     ds.take(epochs * split.num_examples).as_numpy_iterator()])
+  ids, _, _ = _read_ids(images)
+  return ids.reshape(epochs, split.num_examples)
+
+
+def test_real_faces_match_pil_decoding_and_formula(orl_jpegs):
+  info, records = orl_jpegs
+  # One shard and a one-element shuffle buffer: the file order, 16 per batch.
+  batches = _batches(info, 2, batch_size=16, image_size=112, shuffle_buffer=1,
+                     random_flip=False)
+  for step, batch in enumerate(batches):
+    assert batch['image'].shape == (16, 112, 112, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
+    for row in range(16):
+      image_bytes, label = records[step * 16 + row]
+      pixels = np.asarray(Image.open(io.BytesIO(image_bytes)).convert('RGB'), np.float64)
+      expected = (pixels - 127.5) / 128.0
+      np.testing.assert_array_equal(batch['image'][row], expected.astype(np.float32))
+      assert batch['label'][row] == label
+
+
+def test_real_faces_flip_is_an_exact_mirror_and_resize(orl_jpegs):
+  info, records = orl_jpegs
+  batch = _batches(info, 1, batch_size=40, image_size=112, shuffle_buffer=1)[0]
+  flips = 0
+  for row, (image_bytes, _) in enumerate(records):
+    pixels = np.asarray(Image.open(io.BytesIO(image_bytes)).convert('RGB'), np.float32)
+    expected = (pixels - 127.5) / 128.0
+    if np.array_equal(batch['image'][row], expected[:, ::-1]):
+      flips += 1
+    else:
+      np.testing.assert_array_equal(batch['image'][row], expected)
+  assert 10 <= flips <= 30
+  # image_size different from the stored size: resized (antialiased), still normalised.
+  small = _batches(info, 1, batch_size=8, image_size=56, shuffle_buffer=1,
+                   random_flip=False)[0]['image']
+  assert small.shape == (8, 56, 56, 3) and small.dtype == np.float32
+  full = _batches(info, 1, batch_size=8, image_size=112, shuffle_buffer=1,
+                  random_flip=False)[0]['image']
+  box = full.reshape(8, 56, 2, 56, 2, 3).mean(axis=(2, 4))
+  assert np.abs(small - box).mean() < 0.02 and np.abs(small).max() <= 1.0
+
+
+def test_labels_stay_with_their_images_and_batches_have_fixed_size(four_shards):
+  # Local batch 12 does not divide the 40-record epoch: batches straddle epochs.
+  for batch in _batches(four_shards, 10, batch_size=12):
+    assert batch['image'].shape == (12, SIDE, SIDE, 3)
+    assert batch['label'].shape == (12,)
+    ids, _, pixel_labels = _read_ids(batch['image'])
+    np.testing.assert_array_equal(batch['label'], ids % 7)
+    np.testing.assert_array_equal(batch['label'], pixel_labels)
+  # A local batch larger than an epoch still has its fixed size.
+  batch = _batches(four_shards, 1, batch_size=64)[0]
+  assert batch['image'].shape[0] == 64 and np.bincount(_read_ids(batch['image'])[0]).max() == 2
+
+
+@pytest.mark.parametrize('fixture,mode', [('four_shards', 'files'),
+                                          ('uneven_shards', 'records'),
+                                          ('four_shards', 'records')])
+def test_hosts_read_disjoint_parts_covering_each_epoch_once(fixture, mode, request):
+  info = request.getfixturevalue(fixture)
+  if fixture != 'four_shards' or mode == 'files':  # 'auto' picks the expected mode
+    assert pipeline.host_split(info, 0, 2).by == mode
+  per_host = [_epoch_ids(info, 2, process_index=h, process_count=2, shard_by=mode)
+              for h in range(2)]
+  for epoch in range(2):
+    seen = np.concatenate([ids[epoch] for ids in per_host])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(info.num_examples))
+  assert not np.array_equal(per_host[0][0], per_host[0][1])  # reshuffled each epoch
+
+
+def test_shuffle_mixes_shards_and_records_within_shards(four_shards):
+  epochs = _epoch_ids(four_shards, 2)
+  first = epochs[0]
+  assert len(set(first[:8] // 10)) >= 3  # the first 8 come from at least 3 of the 4 shards
+  for shard in range(4):  # and each shard's records come out of their file order
+    within = first[first // 10 == shard]
+    assert not np.array_equal(within, np.sort(within))
+  other_seed = _epoch_ids(four_shards, 1, seed=1)[0]
+  assert not np.array_equal(first, other_seed)
+
+
+def test_flips_about_half_reproducible_and_seeded(four_shards):
+  def flips(seed, **kwargs):
+    batches = _batches(four_shards, 50, batch_size=8, seed=seed, **kwargs)
+    ids, flipped, _ = _read_ids(np.concatenate([b['image'] for b in batches]))
+    return ids, flipped
+
+  ids, flipped = flips(0)
+  assert 0.4 <= flipped.mean() <= 0.6
+  again_ids, again = flips(0)
+  np.testing.assert_array_equal(ids, again_ids)
+  np.testing.assert_array_equal(flipped, again)
+  assert not np.array_equal(flipped, flips(1)[1])
+  # Over 10 epochs a record is not always flipped the same way.
+  assert 0 < flipped[ids == 3].sum() < 10
+  assert not flips(0, random_flip=False)[1].any()
+
+
+@pytest.mark.parametrize('fixture,process_count,process_index,global_batch', [
+    ('four_shards', 1, 0, 8),  # 5 steps per epoch: k = 5 starts epoch 1 exactly
+    ('four_shards', 2, 1, 12),  # 20 per host, local batch 6: batches 3 and 13 straddle epochs
+    ('uneven_shards', 2, 0, 8),  # records split, 11 on host 0, local batch 4
+])
+def test_resume_sees_the_batches_of_an_uninterrupted_run(fixture, process_count,
+                                                          process_index, global_batch,
+                                                          request):
+  info = request.getfixturevalue(fixture)
+  kwargs = dict(batch_size=global_batch, process_count=process_count,
+                process_index=process_index)
+  reference = _batches(info, 15, **kwargs)
+  for start in (3, 5, 13):  # mid first epoch, epoch boundary (case 1), a later epoch
+    resumed = _batches(info, 2, start_step=start, **kwargs)
+    for offset, batch in enumerate(resumed):
+      np.testing.assert_array_equal(batch['image'], reference[start + offset]['image'],
+                                    err_msg=f'start_step={start}, batch {offset}')
+      np.testing.assert_array_equal(batch['label'], reference[start + offset]['label'])
+
+
+def test_order_ignores_threads_and_tf_global_seed(four_shards):
+  reference = [b['image'] for b in _batches(four_shards, 6, batch_size=8, num_threads=1)]
+  for kwargs in (dict(num_threads=2), dict(num_threads=None)):
+    images = [b['image'] for b in _batches(four_shards, 6, batch_size=8, **kwargs)]
+    np.testing.assert_array_equal(images, reference)
+  tf.random.set_seed(1234)
+  try:
+    images = [b['image'] for b in _batches(four_shards, 6, batch_size=8, num_threads=2)]
+  finally:
+    tf.random.set_seed(None)
+  np.testing.assert_array_equal(images, reference)
+
+
+def test_resume_position_arithmetic():
+  assert pipeline.resume_position(0, 64, 1000) == (0, 0)
+  assert pipeline.resume_position(15, 64, 1000) == (0, 960)
+  assert pipeline.resume_position(16, 64, 1000) == (1, 24)
+  assert pipeline.resume_position(125, 64, 1000) == (8, 0)
+
+
+def test_bad_input_names_the_file(tmp_path, four_shards):
+  with pytest.raises(ValueError, match='not divisible'):
+    pipeline.train_dataset(four_shards, batch_size=9, image_size=SIDE, seed=0,
+                           process_index=0, process_count=2)
+  with pytest.raises(ValueError, match='cannot be split'):
+    pipeline.host_split(four_shards, 0, 5, 'files')
+
+  bad_label = _write_shards(tmp_path / 'label', [[(_id_png(0, 0), 0), (_id_png(1, 9), 9)]],
+                            num_classes=3)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'(?s)image/class/label outside \[0, 3\).*train-00000-of-00001'):
+    _batches(bad_label, 1, batch_size=2)
+
+  not_image = _write_shards(tmp_path / 'bytes', [[(_id_png(0, 0), 0), (b'GIF89a....', 0)]],
+                            num_classes=1)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'(?s)neither JPEG nor PNG.*train-00000-of-00001.*record.*1'):
+    _batches(not_image, 1, batch_size=2)
+
+  # dataset_info.json promises more records than the shard holds.
+  short = _write_shards(tmp_path / 'short', [[(_id_png(i, 0), 0) for i in range(3)]], 1)
+  short = tfrecord.DatasetInfo(**{**short.__dict__, 'num_examples': 4,
+                                  'shards': ((short.shards[0][0], 4),)})
+  with pytest.raises(tf.errors.FailedPreconditionError, match='expected to contain 4'):
+    _batches(short, 2, batch_size=3)
+
+
+def _data_sharding(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+
+def test_global_batch_one_device(four_shards):
+  mesh = jax.make_mesh((1, 1), ('data', 'model'))
+  local = _batches(four_shards, 1, batch_size=8)[0]
+  arrays = pipeline.global_batch(local, _data_sharding(mesh))
+  for name in ('image', 'label'):
+    assert isinstance(arrays[name], jax.Array)
+    assert arrays[name].sharding.spec == jax.sharding.PartitionSpec('data')
+    np.testing.assert_array_equal(np.asarray(arrays[name]), local[name])
+  assert arrays['label'].dtype == np.int32
+  # process_index / process_count default to jax's (one process here).
+  default = pipeline.train_dataset(four_shards, batch_size=8, image_size=SIDE, seed=0,
+                                   shuffle_buffer=16)
+  np.testing.assert_array_equal(next(default)['image'], local['image'])
+
+
+_EIGHT_DEVICES = textwrap.dedent('''
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+    from sface_jax.data import pipeline
+
+    assert jax.device_count() == 8
+    local = {"image": np.arange(16 * 2 * 2 * 3, dtype=np.float32).reshape(16, 2, 2, 3),
+             "label": np.arange(16, dtype=np.int32)}
+    for shape in [(8, 1), (4, 2)]:
+      mesh = jax.make_mesh(shape, ("data", "model"))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+      arrays = pipeline.global_batch(local, sharding)
+      data_size = shape[0]
+      per_shard = 16 // data_size
+      for name, array in arrays.items():
+        assert array.shape == local[name].shape, (name, array.shape)
+        np.testing.assert_array_equal(np.asarray(array), local[name])
+        assert len(array.addressable_shards) == 8
+        for shard in array.addressable_shards:
+          # the device's coordinate on the data axis picks its rows
+          data_coord = int(np.argwhere(mesh.devices == shard.device)[0][0])
+          rows = slice(data_coord * per_shard, (data_coord + 1) * per_shard)
+          assert shard.index[0] == rows, (shape, name, shard.index, rows)
+          np.testing.assert_array_equal(np.asarray(shard.data), local[name][rows])
+    print("OK")
+''')
+
+
+def test_global_batch_eight_devices_split_over_data_axis():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip().endswith('OK'), result.stderr[-3000:]
