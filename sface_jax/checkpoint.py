@@ -94,18 +94,43 @@ def _resolve(path: str) -> tuple[str, int]:
       f'(<workdir>/{CHECKPOINT_DIR}/<step>)')
 
 
-def load_for_inference(path: str, *, model_name: str | None = None):
-  """Backbone and its variables from a work directory or a step directory, for embedding.
+def _imported_config(metadata: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The fields inference reads, for weights from `sface_jax.tools.import_torch`."""
+  return ml_collections.ConfigDict({
+      'model': {'name': metadata['model'], 'embedding_dim': metadata['embedding_dim'],
+                'dtype': 'float32'},
+      'data': {'dir': '', 'image_size': metadata['image_size']},
+      'eval': {'sets': (), 'batch_size': 256}})
 
-  Restores only `params/backbone` and `batch_stats` (never the class centres or the optimiser
-  state, which can be far larger than the backbone). `model_name` overrides the architecture
-  named in `config.json`; a checkpoint of another architecture is an error naming both.
+
+def load_for_inference(path: str, *, model_name: str | None = None):
+  """Backbone and its variables, for embedding, from any of:
+
+    a work directory (its newest checkpoint), one step's directory
+    (`<workdir>/checkpoints/<step>`), or the output of `sface_jax.tools.import_torch`
+    (PyTorch weights converted: `model.json` + `variables.msgpack`).
+
+  From checkpoints, restores only `params/backbone` and `batch_stats` (never the class
+  centres or the optimiser state, which can be far larger than the backbone), onto this
+  process's first device whatever topology wrote them. `model_name` overrides the
+  architecture the weights were made for; weights of another architecture are an error
+  naming both. `config.data.dir` comes back resolved ('' → `<workdir>/data`).
 
   Returns (config, model, variables) with variables = {'params', 'batch_stats'}.
   """
   from sface_jax import models  # pylint: disable=g-import-not-at-top
-  workdir, step = _resolve(path)
-  config = load_config(workdir)
+  from sface_jax.data import tfrecord  # pylint: disable=g-import-not-at-top
+  from sface_jax.tools import import_torch  # pylint: disable=g-import-not-at-top
+  imported = os.path.exists(os.path.join(path, import_torch.METADATA_FILE))
+  if imported:
+    where = os.path.abspath(path)
+    imported_variables, metadata = import_torch.load_variables(path)
+    config = _imported_config(metadata)
+  else:
+    workdir, step = _resolve(path)
+    where = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+    config = load_config(workdir)
+    config.data.dir = tfrecord.dataset_dir(config.data.dir, workdir)
   trained_name = config.model.name
   name = model_name or trained_name
   model = models.get_model(name, embedding_dim=config.model.embedding_dim,
@@ -114,34 +139,41 @@ def load_for_inference(path: str, *, model_name: str | None = None):
   expected = jax.eval_shape(
       lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32),
                          train=False))
-  # On this process's first device, whatever topology the checkpoint was written from
-  # (evaluation replicates the variables onto its own mesh).
-  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
-      {'params': {'backbone': expected['params']},
-       'batch_stats': expected.get('batch_stats', {})})
-  manager = ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  where = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))).state
-  except (ValueError, KeyError) as e:
-    raise ValueError(f'{where} (trained as {trained_name!r}) does not fit model {name!r}: '
-                     f'{e}') from e
-  expected_shapes = jax.tree_util.tree_flatten_with_path(target)[0]
-  restored_shapes = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
-  for key_path, leaf in expected_shapes:
-    got = restored_shapes.get(key_path)
-    if got is None or tuple(got.shape) != tuple(leaf.shape):
+  expected = {'params': expected['params'], 'batch_stats': expected.get('batch_stats', {})}
+  if imported:
+    variables = imported_variables
+  else:
+    # On this process's first device, whatever topology the checkpoint was written from
+    # (evaluation replicates the variables onto its own mesh).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
+        {'params': {'backbone': expected['params']}, 'batch_stats': expected['batch_stats']})
+    manager = ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))).state
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'{where} (trained as {trained_name!r}) does not fit model {name!r}: '
+                       f'{e}') from e
+    variables = {'params': restored['params']['backbone'],
+                 'batch_stats': restored['batch_stats']}
+  _check_fits(variables, expected, where, trained_name, name)
+  return config, model, variables
+
+
+def _check_fits(variables, expected, where: str, trained_name: str, name: str) -> None:
+  """Every variable `name` expects is there with its shape, or an error naming both models."""
+  found = {jax.tree_util.keystr(path): leaf
+           for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    key = jax.tree_util.keystr(path)
+    got = found.get(key)
+    if got is None or tuple(np.shape(got)) != tuple(leaf.shape):
       raise ValueError(
           f'{where} holds a {trained_name!r} backbone, which does not fit model {name!r}: '
-          f'{jax.tree_util.keystr(key_path)} is '
-          f'{None if got is None else tuple(got.shape)} in the checkpoint, '
+          f'{key} is {None if got is None else tuple(np.shape(got))} there, '
           f'{tuple(leaf.shape)} in {name!r}')
-  variables = {'params': restored['params']['backbone'],
-               'batch_stats': restored['batch_stats']}
-  return config, model, variables

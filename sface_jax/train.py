@@ -9,7 +9,6 @@ evaluation, checkpoints, NaN guard, SIGTERM).
 import dataclasses
 import functools
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -208,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the last verification results (set name → metrics), or {} without eval sets.
   """
-  data_dir = config.data.dir or os.path.join(workdir, 'data')
+  data_dir = tfrecord.dataset_dir(config.data.dir, workdir)
   if jax.process_index() == 0:  # the others wait: conversion writes to shared storage
     convert.prepare(config.data.convert, data_dir)
   if jax.process_count() > 1:

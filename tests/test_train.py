@@ -163,11 +163,12 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
     config.head.name = head
     setup = train.make_setup(config, num_classes=info.num_classes, steps_per_epoch=4,
                              total_steps=1)
-    state = train.create_train_state(config.seed, setup)
+    state = jax.jit(train.create_train_state, static_argnums=(0, 1))(config.seed, setup)
     batch = next(pipeline.train_dataset(
         info, batch_size=config.batch_size, image_size=config.data.image_size,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer))
-    _, metrics = train.train_step(state, jax.tree.map(jnp.asarray, batch), setup=setup)
+    _, metrics = jax.jit(train.train_step, static_argnames='setup')(
+        state, jax.tree.map(jnp.asarray, batch), setup=setup)
     expected[head] = float(metrics['loss'])
   assert abs(expected['cosface'] - expected['arcface']) > 1e-2
   assert logged == pytest.approx(expected['cosface'], abs=1e-3)

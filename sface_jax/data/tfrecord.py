@@ -22,6 +22,11 @@ IMAGE_KEY = 'image/encoded'
 LABEL_KEY = 'image/class/label'
 
 
+def dataset_dir(data_dir: str, workdir: str) -> str:
+  """`config.data.dir`, where '' means `<workdir>/data` (the demo converts into it)."""
+  return data_dir or os.path.join(workdir, 'data')
+
+
 def shard_name(index: int, num_shards: int) -> str:
   return f'train-{index:05d}-of-{num_shards:05d}.tfrecord'
 

@@ -290,8 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--checkpoint', required=True, help='torch.save()d state_dict')
   parser.add_argument('--model', required=True, help='r18 r34 r50 r100 r200 mbf')
   parser.add_argument('--output', required=True, help='new directory to write')
-  parser.add_argument('--embedding_dim', type=int, default=512)
-  parser.add_argument('--image_size', type=int, default=112,
+  parser.add_argument('--embedding-dim', type=int, default=512)
+  parser.add_argument('--image-size', type=int, default=112,
                       help='input side the checkpoint was trained at (fixes the fc size)')
   args = parser.parse_args(argv)
   state_dict = load_torch_checkpoint(args.checkpoint)
