@@ -27,6 +27,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 import tensorflow as tf
 
+from configs import demo
 from sface_jax.data import pipeline
 from sface_jax.data import tfrecord
 
@@ -78,11 +79,16 @@ def write_dataset(directory: str, records, num_classes: int, num_shards: int):
   return tfrecord.read_info(directory)
 
 
-def time_pipeline(info, *, batch_size, steps, threads, shuffle_buffer):
+# The demo's augmentation, to show what it costs per image.
+DEMO_AUGMENTATION = pipeline.Augmentation.from_config(demo.get_config().data)
+
+
+def time_pipeline(info, *, batch_size, steps, threads, shuffle_buffer,
+                  augmentation=pipeline.Augmentation()):
   """images/s over `steps` batches, after one warm-up batch (buffer fill, tracing)."""
   it = pipeline.train_dataset(info, batch_size=batch_size, image_size=SIZE, seed=0,
-                              shuffle_buffer=shuffle_buffer, num_threads=threads,
-                              process_index=0, process_count=1)
+                              augmentation=augmentation, shuffle_buffer=shuffle_buffer,
+                              num_threads=threads, process_index=0, process_count=1)
   next(it)
   start = time.perf_counter()
   for _ in range(steps):
@@ -149,6 +155,10 @@ def main():
         ('sface_jax pipeline, 2 threads',
          lambda: time_pipeline(info, batch_size=args.batch_size, steps=args.steps,
                                threads=2, shuffle_buffer=args.shuffle_buffer)),
+        ('sface_jax pipeline + the demo\'s augmentation, 2 threads',
+         lambda: time_pipeline(info, batch_size=args.batch_size, steps=args.steps,
+                               threads=2, shuffle_buffer=args.shuffle_buffer,
+                               augmentation=DEMO_AUGMENTATION)),
     ]:
       runs = [fn() for _ in range(args.repeats)]
       rows.append((name, statistics.median(runs), min(runs), max(runs)))

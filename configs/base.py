@@ -26,6 +26,13 @@ def get_config():
   config.data.num_classes = -1  # -1: read from dataset_info.json; otherwise checked.
   config.data.image_size = 112  # square input side; images are resized when it differs.
   config.data.random_flip = True
+  # Further augmentation of training images, drawn per example (sface_jax.data.pipeline.
+  # Augmentation); 0 = off, the default: large datasets need none, the 300-image demo does.
+  config.data.random_scale = 0.0  # zoom by a factor in [1 - s, 1 + s] about the centre
+  config.data.random_translate = 0.0  # shift by up to ± this fraction of the side, each axis
+  config.data.random_rotate = 0.0  # rotate by up to ± this many degrees
+  config.data.random_brightness = 0.0  # add up to ± this fraction of 255
+  config.data.random_contrast = 0.0  # scale contrast by a factor in [1 - c, 1 + c]
   config.data.shuffle_buffer = 20_000
   config.data.prefetch = 2  # batches prepared ahead of the step.
   # A raw dataset converted into `data.dir` on first use, through the same converter as

@@ -26,6 +26,13 @@ def get_config(variant: str = ''):
   config.data.convert.file_pattern = '*.pgm'  # s10/ also holds target.jpg, a photo of s14
   config.data.image_size = 64
   config.data.shuffle_buffer = 300  # the whole training set
+  # 300 training images: without augmentation the network memorises them (held-out
+  # accuracy ~0.89 vs ~0.93 with it, BENCHMARKS.md § Demo).
+  config.data.random_scale = 0.1
+  config.data.random_translate = 0.08
+  config.data.random_rotate = 10.0
+  config.data.random_brightness = 0.2
+  config.data.random_contrast = 0.3
 
   config.model.name = 'r18_small'
   config.model.embedding_dim = 128

@@ -252,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = pipeline.train_dataset(
       info, batch_size=config.batch_size, image_size=config.data.image_size,
       seed=config.seed, start_step=start_step, random_flip=config.data.random_flip,
+      augmentation=pipeline.Augmentation.from_config(config.data),
       shuffle_buffer=config.data.shuffle_buffer, prefetch=config.data.prefetch)
   evaluator = (evaluate.Evaluator(config.eval.sets, data_dir=data_dir,
                                   image_size=config.data.image_size,

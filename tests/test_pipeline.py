@@ -247,6 +247,182 @@ def test_order_ignores_threads_and_tf_global_seed(four_shards):
   np.testing.assert_array_equal(images, reference)
 
 
+# ---- augmentation beyond the flip ----------------------------------------------------
+
+FULL_AUGMENTATION = pipeline.Augmentation(scale=0.1, translate=0.1, rotate=10.0,
+                                          brightness=0.2, contrast=0.3)
+
+
+def test_augmentation_is_off_by_default_and_checks_its_ranges():
+  assert not pipeline.Augmentation().geometric and not pipeline.Augmentation().photometric
+  assert FULL_AUGMENTATION.geometric and FULL_AUGMENTATION.photometric
+  for bad in (dict(scale=1.0), dict(translate=-0.1), dict(brightness=1.5),
+              dict(contrast=-1.0), dict(rotate=200.0)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      pipeline.Augmentation(**bad)
+
+
+def test_augmentation_from_config_reads_the_random_fields():
+  from configs import base, demo  # pylint: disable=g-import-not-at-top
+  assert pipeline.Augmentation.from_config(base.get_config().data) == pipeline.Augmentation()
+  data = demo.get_config().data
+  data.random_rotate = 7.5
+  augmentation = pipeline.Augmentation.from_config(data)
+  assert augmentation.rotate == 7.5 and augmentation.scale == data.random_scale
+  assert augmentation.contrast == data.random_contrast
+  data.random_scale = 1.5
+  with pytest.raises(ValueError, match='scale'):
+    pipeline.Augmentation.from_config(data)
+
+
+def _bilinear_reference(image, zoom, angle_degrees, shift_x, shift_y):
+  """NumPy float64: output (row i, col j) samples the input at
+  c + R(-angle) ((j, i) - c - shift) / zoom, coordinates clamped to the image."""
+  side = image.shape[0]
+  c = (side - 1) / 2
+  t = np.deg2rad(angle_degrees)
+  out = np.zeros(image.shape, np.float64)
+  for i in range(side):
+    for j in range(side):
+      vx, vy = j - c - shift_x, i - c - shift_y
+      x = np.clip(c + (np.cos(t) * vx + np.sin(t) * vy) / zoom, 0, side - 1)
+      y = np.clip(c + (-np.sin(t) * vx + np.cos(t) * vy) / zoom, 0, side - 1)
+      x0, y0 = int(np.floor(x)), int(np.floor(y))
+      x1, y1 = min(x0 + 1, side - 1), min(y0 + 1, side - 1)
+      fx, fy = x - x0, y - y0
+      out[i, j] = ((1 - fy) * ((1 - fx) * image[y0, x0] + fx * image[y0, x1])
+                   + fy * ((1 - fx) * image[y1, x0] + fx * image[y1, x1]))
+  return out
+
+
+def test_affine_transform_zooms_rotates_and_shifts_as_documented():
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
+  # An integer shift moves the content right / down and repeats the edge it uncovers.
+  moved = pipeline.affine_transform(tf.constant(image), 1.0, 0.0, 3.0, -2.0).numpy()
+  np.testing.assert_allclose(moved[:14, 3:], image[2:, :13], atol=1e-4)
+  np.testing.assert_allclose(moved[:14, :3], np.repeat(image[2:, :1], 3, axis=1), atol=1e-4)
+  np.testing.assert_allclose(moved[14:], np.repeat(moved[13:14], 2, axis=0), atol=1e-4)
+  # Zoom 2 about the centre (pixel 8 of 17): the middle half fills the image.
+  odd = rng.uniform(0, 255, (17, 17, 3)).astype(np.float32)
+  zoomed = pipeline.affine_transform(tf.constant(odd), 2.0, 0.0, 0.0, 0.0).numpy()
+  np.testing.assert_allclose(zoomed[::2, ::2], odd[4:13, 4:13], atol=1e-3)
+  # A quarter turn of a square image about its centre is exact.
+  turned = pipeline.affine_transform(tf.constant(image), 1.0, 90.0, 0.0, 0.0).numpy()
+  assert any(np.allclose(turned, np.rot90(image, k), atol=1e-3) for k in (1, 3))
+  # Everything at once, against the formula of the docstring.
+  for params in [(1.15, 12.0, 1.7, -0.6), (0.9, -7.0, -2.3, 3.1)]:
+    got = pipeline.affine_transform(tf.constant(image), *params).numpy()
+    np.testing.assert_allclose(got, _bilinear_reference(image.astype(np.float64), *params),
+                               atol=1e-3)
+
+
+BLOB_SIDE = 32
+
+
+@pytest.fixture(scope='module')
+def blob_shard(tmp_path_factory):
+  """16 identical 32 x 32 PNGs: a bright horizontal bar (8 x 4 px) centred on a grey
+  gradient, so geometric changes move/turn the bar and photometric ones change levels."""
+  pixels = np.tile(np.linspace(60, 120, BLOB_SIDE)[None, :, None], (BLOB_SIDE, 1, 3))
+  pixels[14:18, 12:20] = 240
+  pixels = pixels.astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, 'PNG')
+  info = _write_shards(tmp_path_factory.mktemp('blob'), [[(buf.getvalue(), 0)] * 16], 1)
+  return info, pixels.astype(np.float64)
+
+
+def _augmented(info, augmentation, steps=8, seed=0):
+  batches = _batches(info, steps, batch_size=16, image_size=BLOB_SIDE, random_flip=False,
+                     augmentation=augmentation, seed=seed)
+  return np.concatenate([b['image'] for b in batches]).astype(np.float64) * 128.0 + 127.5
+
+
+def _bar_moments(images):
+  """Centroid (x, y), and orientation in degrees, of the bright bar in each image."""
+  weights = np.clip(images[..., 0] - 180.0, 0, None)
+  ys, xs = np.mgrid[:BLOB_SIDE, :BLOB_SIDE]
+  total = weights.sum(axis=(1, 2))
+  cx = (weights * xs).sum(axis=(1, 2)) / total
+  cy = (weights * ys).sum(axis=(1, 2)) / total
+  dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+  mxx, myy = (weights * dx**2).sum(axis=(1, 2)), (weights * dy**2).sum(axis=(1, 2))
+  mxy = (weights * dx * dy).sum(axis=(1, 2))
+  return cx, cy, np.rad2deg(0.5 * np.arctan2(2 * mxy, mxx - myy)), total
+
+
+def test_geometric_augmentation_does_what_it_says(blob_shard):
+  info, original = blob_shard
+  cx0, cy0, angle0, _ = _bar_moments(original[None])
+  # translate 0.15 of 32 px: shifts up to ±4.8 px each way, spread over that range.
+  cx, cy, angle, _ = _bar_moments(_augmented(info, pipeline.Augmentation(translate=0.15)))
+  for shift in (cx - cx0, cy - cy0):
+    assert np.abs(shift).max() <= 4.8 + 0.2 and np.abs(shift).max() >= 3.5
+    assert (shift < -1).any() and (shift > 1).any()
+  assert np.abs(angle - angle0).max() <= 2.0  # sub-pixel shifts blur the bar a little
+  # rotate 20°: the bar turns by up to ±20°, its centre stays.
+  cx, cy, angle, _ = _bar_moments(_augmented(info, pipeline.Augmentation(rotate=20.0)))
+  assert np.abs(cx - cx0).max() <= 0.3 and np.abs(cy - cy0).max() <= 0.3
+  turn = angle - angle0
+  assert np.abs(turn).max() <= 21.0 and np.abs(turn).max() >= 14.0
+  assert (turn < -5).any() and (turn > 5).any()
+  # scale 0.3: the bar stays centred; the background ramp, linear in x, spreads out by the
+  # zoom factor, in [0.7, 1.3]: its slope divides by it (columns 6-25 stay inside the image).
+  images = _augmented(info, pipeline.Augmentation(scale=0.3))
+  cx, cy, _, _ = _bar_moments(images)
+  assert np.abs(cx - cx0).max() <= 0.3 and np.abs(cy - cy0).max() <= 0.3
+  columns = np.arange(6, 26)
+  slope = lambda rows: np.polyfit(columns, rows[..., 2:6, 6:26, 0].mean(axis=-2).T, 1)[0]
+  zoom = slope(original) / slope(images)
+  assert zoom.min() >= 0.7 - 0.02 and zoom.max() <= 1.3 + 0.02
+  assert zoom.min() < 0.85 and zoom.max() > 1.15
+
+
+def test_photometric_augmentation_does_what_it_says(blob_shard):
+  info, original = blob_shard
+  below_clip = original < 150  # the gradient, which no brightness change here clips
+  # brightness 0.2: one offset per image, within ±51 levels, both signs.
+  images = _augmented(info, pipeline.Augmentation(brightness=0.2))
+  offsets = images[:, below_clip] - original[below_clip]
+  assert np.abs(offsets - offsets[:, :1]).max() <= 1e-3
+  assert np.abs(offsets[:, 0]).max() <= 51.0 + 1e-3
+  assert offsets[:, 0].min() < -25 and offsets[:, 0].max() > 25
+  # contrast 0.4: deviations from the image mean scaled by one factor in [0.6, 1.4].
+  images = _augmented(info, pipeline.Augmentation(contrast=0.4))
+  mean = original.mean(axis=(0, 1))
+  factors = (images[:, 0, 0, 0] - mean[0]) / (original[0, 0, 0] - mean[0])
+  expected = mean + (original[None] - mean) * factors[:, None, None, None]
+  np.testing.assert_allclose(images, np.clip(expected, 0, 255), atol=1e-2)
+  assert factors.min() >= 0.6 - 1e-4 and factors.max() <= 1.4 + 1e-4
+  assert factors.min() < 0.8 and factors.max() > 1.2
+
+
+def test_augmentation_is_reproducible_seeded_and_resumes_exactly(four_shards):
+  kwargs = dict(batch_size=8, augmentation=FULL_AUGMENTATION)
+  reference = _batches(four_shards, 12, **kwargs)
+  plain = _batches(four_shards, 12, batch_size=8)
+  for batch, unaugmented in zip(reference, plain):
+    # The order, the labels and the flips do not depend on the augmentation...
+    np.testing.assert_array_equal(batch['label'], unaugmented['label'])
+    # ...which changes the pixels.
+    assert not np.allclose(batch['image'], unaugmented['image'], atol=0.05)
+  threads = _batches(four_shards, 12, num_threads=1, **kwargs)
+  for got, want in zip(threads, reference):
+    np.testing.assert_array_equal(got['image'], want['image'])
+  # Resumed mid-epoch, at an epoch boundary (5 steps of 8 per 40-record epoch), later.
+  for start in (3, 5, 9):
+    for offset, batch in enumerate(_batches(four_shards, 2, start_step=start, **kwargs)):
+      np.testing.assert_array_equal(batch['image'], reference[start + offset]['image'],
+                                    err_msg=f'start_step={start}, batch {offset}')
+  other_seed = _batches(four_shards, 1, seed=1, **kwargs)[0]
+  assert not np.array_equal(other_seed['image'], reference[0]['image'])
+  # A record is augmented differently in each epoch (epochs 0 and 1: steps 0-4 and 5-9).
+  first = np.concatenate([b['image'] for b in reference[:5]])
+  second = np.concatenate([b['image'] for b in reference[5:10]])
+  assert not np.array_equal(np.sort(first, axis=None), np.sort(second, axis=None))
+
+
 def test_resume_position_arithmetic():
   assert pipeline.resume_position(0, 64, 1000) == (0, 0)
   assert pipeline.resume_position(15, 64, 1000) == (0, 960)

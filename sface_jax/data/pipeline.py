@@ -3,13 +3,17 @@
 One chain, read top to bottom (big_vision style):
 
   per-host split -> per-epoch file shuffle -> file interleave -> shuffle buffer -> epochs
-  -> skip (resume only, on the serialised records) -> decode -> resize -> flip
+  -> skip (resume only, on the serialised records) -> decode -> resize
+  -> [zoom / shift / rotate] -> flip -> [brightness / contrast]
   -> (x - 127.5) / 128 -> fixed-size batches -> prefetch
+
+The bracketed augmentations are off by default (`Augmentation()`); they are for small
+datasets (the 300-image demo), where a network otherwise memorises its training set.
 
 Determinism. Everything random is derived from `seed` with stateless operations, per epoch:
 the file order of epoch e from (seed, e) (and the host, when hosts split by files), the
-shuffle buffer's seed from (seed, e, host), the flip of the i-th example of epoch e from
-(seed, e, host, i). Epochs are built one at a time (`range(epoch, inf).flat_map(one_epoch)`),
+shuffle buffer's seed from (seed, e, host), the flip and augmentation of the i-th example
+of epoch e from (seed, e, host, i). Epochs are built one at a time (`range(epoch, inf).flat_map(one_epoch)`),
 so epoch e's order does not depend on what came before it; the interleave's cycle length is
 fixed and `deterministic=True` keeps parallel reading and decoding in order, so the thread
 count changes speed only. The k-th local batch is therefore a pure function of (seed, k,
@@ -26,6 +30,7 @@ bound is reading those bytes once. Resuming at an epoch boundary skips nothing.
 """
 
 import dataclasses
+import math
 from typing import Iterator, Optional
 
 import jax
@@ -51,7 +56,7 @@ PIXEL_SCALE = 128.0
 MAX_FILE_SPLIT_IMBALANCE = 0.01
 
 # Purpose tags folded into the seed so that the random streams are independent.
-_FILE_ORDER, _SHUFFLE_BUFFER, _FLIP = 1, 2, 3
+_FILE_ORDER, _SHUFFLE_BUFFER, _FLIP, _GEOMETRY, _PHOTOMETRY = 1, 2, 3, 4, 5
 
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -71,6 +76,93 @@ class HostSplit:
   num_examples: int  # records this host reads per epoch
   process_index: int
   process_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """Random transforms of a training image beyond the flip; every magnitude 0 = off.
+
+  Each is drawn uniformly per example, independently (`config.data.random_*`):
+    scale: zoom by a factor in [1 - scale, 1 + scale] about the centre (> 1 magnifies);
+    translate: shift by up to ± translate × side, horizontally and vertically;
+    rotate: rotate by up to ± rotate degrees about the centre;
+    brightness: add up to ± brightness × 255 to every pixel;
+    contrast: scale each channel's deviation from its mean by a factor in
+      [1 - contrast, 1 + contrast].
+  The geometric ones are one affine map, sampled bilinearly at the network's input size;
+  pixels it brings in from outside the image repeat the nearest edge pixel. Photometric
+  results are clipped to [0, 255], the range of a decoded image.
+  """
+  scale: float = 0.0
+  translate: float = 0.0
+  rotate: float = 0.0
+  brightness: float = 0.0
+  contrast: float = 0.0
+
+  def __post_init__(self):
+    for name in ('scale', 'translate', 'brightness', 'contrast'):
+      value = getattr(self, name)
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f'augmentation {name} is {value}, expected in [0, 1)')
+    if not 0.0 <= self.rotate <= 180.0:
+      raise ValueError(f'augmentation rotate is {self.rotate} degrees, expected in [0, 180]')
+
+  @classmethod
+  def from_config(cls, data_config) -> 'Augmentation':
+    """From `config.data.random_{scale,translate,rotate,brightness,contrast}`."""
+    return cls(**{f.name: float(data_config[f'random_{f.name}'])
+                  for f in dataclasses.fields(cls)})
+
+  @property
+  def geometric(self) -> bool:
+    return bool(self.scale or self.translate or self.rotate)
+
+  @property
+  def photometric(self) -> bool:
+    return bool(self.brightness or self.contrast)
+
+
+def affine_transform(image: tf.Tensor, zoom, angle_degrees, shift_x, shift_y) -> tf.Tensor:
+  """(S, S, C) float image zoomed by `zoom`, rotated, then shifted by (shift_x, shift_y) px.
+
+  Output pixel p shows input pixel c + R(-angle) (p - c - shift) / zoom, with c the image
+  centre ((S - 1) / 2 in pixel-index coordinates), sampled bilinearly; outside the input,
+  the nearest edge pixel. Positive shift_x moves the content right, shift_y down.
+  """
+  side = tf.cast(tf.shape(image)[0], tf.float32)
+  center = (side - 1.0) / 2.0
+  angle = tf.cast(angle_degrees, tf.float32) * (math.pi / 180.0)
+  zoom = tf.cast(zoom, tf.float32)
+  a0 = tf.cos(angle) / zoom
+  a1 = tf.sin(angle) / zoom
+  b0, b1 = -a1, a0
+  # input = A (output - center - shift) + center, written as A output + offset.
+  px = center + tf.cast(shift_x, tf.float32)
+  py = center + tf.cast(shift_y, tf.float32)
+  a2 = center - a0 * px - a1 * py
+  b2 = center - b0 * px - b1 * py
+  transform = tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0]), (1, 8))
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation='BILINEAR', fill_mode='NEAREST')
+  return out[0]
+
+
+def _augment_geometry(image: tf.Tensor, augmentation: Augmentation, key: tf.Tensor):
+  u = tf.random.stateless_uniform([4], seed=key, minval=-1.0, maxval=1.0)
+  side = tf.cast(tf.shape(image)[0], tf.float32)
+  return affine_transform(image, zoom=1.0 + augmentation.scale * u[0],
+                          angle_degrees=augmentation.rotate * u[1],
+                          shift_x=augmentation.translate * side * u[2],
+                          shift_y=augmentation.translate * side * u[3])
+
+
+def _augment_photometry(image: tf.Tensor, augmentation: Augmentation, key: tf.Tensor):
+  u = tf.random.stateless_uniform([2], seed=key, minval=-1.0, maxval=1.0)
+  mean = tf.reduce_mean(image, axis=(0, 1), keepdims=True)
+  image = mean + (image - mean) * (1.0 + augmentation.contrast * u[0])
+  image = image + augmentation.brightness * 255.0 * u[1]
+  return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def host_split(info: tfrecord.DatasetInfo, process_index: int, process_count: int,
@@ -169,8 +261,8 @@ def _epoch_records(split: HostSplit, *, seed: int, shuffle_buffer: int, start_ep
   return one_epoch
 
 
-def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool, seed: int,
-               process_index: int):
+def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool,
+               augmentation: Augmentation, seed: int, process_index: int):
   """serialised record -> {'image': float32 (S, S, 3) normalised, 'label': int32}."""
 
   def decode(r):
@@ -200,9 +292,15 @@ def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool, seed: in
         same_size, lambda: tf.cast(image, tf.float32),
         lambda: tf.image.resize(image, (image_size, image_size), antialias=True))
     image = tf.ensure_shape(image, (image_size, image_size, 3))
+    if augmentation.geometric:
+      image = _augment_geometry(
+          image, augmentation, _key(seed, _GEOMETRY, r['epoch'], process_index, r['index']))
     if random_flip:
       image = tf.image.stateless_random_flip_left_right(
           image, seed=_key(seed, _FLIP, r['epoch'], process_index, r['index']))
+    if augmentation.photometric:
+      image = _augment_photometry(
+          image, augmentation, _key(seed, _PHOTOMETRY, r['epoch'], process_index, r['index']))
     return {'image': (image - PIXEL_MEAN) / PIXEL_SCALE, 'label': tf.cast(label, tf.int32)}
 
   return decode
@@ -210,6 +308,7 @@ def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool, seed: in
 
 def make_train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_size: int,
                        seed: int, start_step: int = 0, random_flip: bool = True,
+                       augmentation: Augmentation = Augmentation(),
                        shuffle_buffer: int = 20_000, prefetch: int = 2,
                        process_index: Optional[int] = None,
                        process_count: Optional[int] = None,
@@ -230,7 +329,8 @@ def make_train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_siz
   one_epoch = _epoch_records(split, seed=seed, shuffle_buffer=max(1, shuffle_buffer),
                              start_epoch=start_epoch, skip=skip, num_parallel=parallel)
   decode = _decode_fn(image_size=image_size, num_classes=info.num_classes,
-                      random_flip=random_flip, seed=seed, process_index=process_index)
+                      random_flip=random_flip, augmentation=augmentation, seed=seed,
+                      process_index=process_index)
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
   ds = ds.map(decode, num_parallel_calls=parallel, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -245,7 +345,8 @@ def make_train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_siz
 
 
 def train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_size: int, seed: int,
-                  start_step: int = 0, random_flip: bool = True, shuffle_buffer: int = 20_000,
+                  start_step: int = 0, random_flip: bool = True,
+                  augmentation: Augmentation = Augmentation(), shuffle_buffer: int = 20_000,
                   prefetch: int = 2, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, num_threads: Optional[int] = None,
                   shard_by: str = 'auto') -> Iterator[dict[str, np.ndarray]]:
@@ -254,13 +355,15 @@ def train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_size: in
   Yields {'image': float32 (batch_size / process_count, S, S, 3) in (x - 127.5) / 128,
   'label': int32 (batch_size / process_count,)}. `batch_size` is global (all hosts); the
   hosts read disjoint parts of the data (`shard_by`: 'files', 'records' or 'auto', see
-  `host_split`). Batch k is a pure function of (seed, k, host); `num_threads` (None: tf.data
+  `host_split`). `augmentation`: random transforms besides the flip (`Augmentation`; none
+  by default). Batch k is a pure function of (seed, k, host); `num_threads` (None: tf.data
   autotuning) only changes speed, never the order.
   """
   return make_train_dataset(
       info, batch_size=batch_size, image_size=image_size, seed=seed, start_step=start_step,
-      random_flip=random_flip, shuffle_buffer=shuffle_buffer, prefetch=prefetch,
-      process_index=process_index, process_count=process_count, num_threads=num_threads,
+      random_flip=random_flip, augmentation=augmentation, shuffle_buffer=shuffle_buffer,
+      prefetch=prefetch, process_index=process_index, process_count=process_count,
+      num_threads=num_threads,
       shard_by=shard_by).as_numpy_iterator()
 
 
