@@ -27,7 +27,7 @@ def get_config(variant: str = ''):
   config.data.image_size = 64
   config.data.shuffle_buffer = 300  # the whole training set
   # 300 training images: without augmentation the network memorises them (held-out
-  # accuracy ~0.89 vs ~0.93 with it, BENCHMARKS.md § Demo).
+  # accuracy 86.3% without, 90.4% with, mean of 3 seeds; BENCHMARKS.md § Demo).
   config.data.random_scale = 0.1
   config.data.random_translate = 0.08
   config.data.random_rotate = 10.0
@@ -41,17 +41,17 @@ def get_config(variant: str = ''):
   config.head.arcface.m = 0.5
 
   config.batch_size = 32
-  config.num_steps = 1200
+  config.num_steps = 800
   config.schedule.name = 'cosine'
   config.schedule.learning_rate = 0.1
   config.schedule.warmup_epochs = 2.0
   config.optimizer.weight_decay = 5e-4
 
   config.eval.sets = ('orl_val',)
-  config.eval.every_steps = 300
+  config.eval.every_steps = 200
   config.eval.batch_size = 100
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 300
+  config.checkpoint_every_steps = 200
   if variant == 'ci':
     config.num_steps = 30
     config.eval.every_steps = 0

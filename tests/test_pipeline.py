@@ -271,7 +271,7 @@ def test_augmentation_from_config_reads_the_random_fields():
   assert augmentation.rotate == 7.5 and augmentation.scale == data.random_scale
   assert augmentation.contrast == data.random_contrast
   data.random_scale = 1.5
-  with pytest.raises(ValueError, match='scale'):
+  with pytest.raises(ValueError, match=r'config\.data\.random_scale\) is 1\.5'):
     pipeline.Augmentation.from_config(data)
 
 

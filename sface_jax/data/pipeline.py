@@ -103,9 +103,11 @@ class Augmentation:
     for name in ('scale', 'translate', 'brightness', 'contrast'):
       value = getattr(self, name)
       if not 0.0 <= value < 1.0:
-        raise ValueError(f'augmentation {name} is {value}, expected in [0, 1)')
+        raise ValueError(f'augmentation {name} (config.data.random_{name}) is {value}, '
+                         'expected in [0, 1)')
     if not 0.0 <= self.rotate <= 180.0:
-      raise ValueError(f'augmentation rotate is {self.rotate} degrees, expected in [0, 180]')
+      raise ValueError(f'augmentation rotate (config.data.random_rotate) is {self.rotate} '
+                       'degrees, expected in [0, 180]')
 
   @classmethod
   def from_config(cls, data_config) -> 'Augmentation':
