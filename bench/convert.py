@@ -31,8 +31,11 @@ import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / 'tests'))  # the RecordIO writer is a test fixture
 
-from sface_jax.data import recordio  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import recordio_writer
+from sface_jax.data import recordio
 
 
 def build(source: pathlib.Path, directory: pathlib.Path, megabytes: float) -> int:
@@ -41,7 +44,7 @@ def build(source: pathlib.Path, directory: pathlib.Path, megabytes: float) -> in
   copies = max(1, int(megabytes * 1e6 / sum(len(im) + 40 for im, _ in images)))
   by_label = sorted(((im, label) for im, label in images for _ in range(copies)),
                     key=lambda r: r[1])
-  recordio.write_insightface(str(directory), by_label)
+  recordio_writer.write_insightface(str(directory), by_label)
   return len(by_label)
 
 

@@ -6,8 +6,8 @@ over 400 thresholds, the ROC, and TAR at FAR = 1e-3 and 1e-4 (insightface's `cal
 4,000 thresholds). The baseline is the loop that insightface `arcface_torch` ships
 (`eval/verification.py`), rewritten here: scikit-learn `KFold` and `normalize`, one NumPy pass
 over the pairs per threshold and fold, and `interp1d(kind='slinear')` as SciPy 1.8 computed
-it (SciPy >= 1.9 rejects the repeated FAR values; see sface_jax/evaluate.py). It needs
-scikit-learn, which the package itself never imports (pip install scikit-learn).
+it (SciPy >= 1.9 rejects the repeated FAR values; see sface_jax/evaluation/verification.py).
+It needs scikit-learn, which the package itself never imports (pip install scikit-learn).
 
 sface_jax's time is the whole public call, `verification_metrics(a, b, issame)`: host to
 device, the jitted protocol, the per-fold means in NumPy. Its first call (trace + XLA compile
@@ -30,7 +30,7 @@ from scipy import interpolate
 from sklearn import preprocessing
 from sklearn.model_selection import KFold
 
-from sface_jax import evaluate
+from sface_jax.evaluation import verification
 
 FARS = (1e-3, 1e-4)
 
@@ -134,9 +134,9 @@ def main():
   for num_pairs in args.pairs:
     a, b, issame = face_like_embeddings(num_pairs, args.dim)
     start = time.perf_counter()
-    ours = evaluate.verification_metrics(a, b, issame)
+    ours = verification.verification_metrics(a, b, issame)
     first = time.perf_counter() - start
-    _, steady = _time(lambda: evaluate.verification_metrics(a, b, issame), args.repeats)
+    _, steady = _time(lambda: verification.verification_metrics(a, b, issame), args.repeats)
     theirs, loop = _time(lambda: insightface_loop(a, b, issame), args.baseline_repeats)
     agree = (ours.accuracy == theirs['accuracy'] and ours.best_threshold ==
              theirs['best_threshold'] and ours.accuracy_std == theirs['accuracy_std']

@@ -27,7 +27,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 import tensorflow as tf
 
-from configs import demo
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
+from configs import demo  # pylint: disable=wrong-import-position
 from sface_jax.data import pipeline
 from sface_jax.data import tfrecord
 

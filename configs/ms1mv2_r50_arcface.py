@@ -2,27 +2,23 @@
 
 Global batch 1024 (128 per GPU × 8), SGD lr 0.1 momentum 0.9 weight decay 1e-4 on every
 parameter, 20 epochs, polynomial decay (power 2) with no warm-up, margins (1, 0.5, 0),
-s = 64, bf16 backbone with a float32 head (insightface: fp16 = True).
+s = 64, bf16 backbone with a float32 head (insightface: fp16 = True). Any number of devices:
+the batch and the 85,742 class centres are split over all of them.
 
   python -m sface_jax.main --config configs/ms1mv2_r50_arcface.py --workdir runs/r50_arcface
+  python -m sface_jax.main --config configs/ms1mv2_r50_arcface.py:runlocal --workdir /tmp/r
 """
 
 from configs import base
-from configs import datasets
 
 
-def get_config():
+def get_config(variant: str | None = None):
   config = base.get_config()
-  datasets.use(config, datasets.MS1MV2)
-  config.model.name = 'r50'
+  base.use_dataset(config, 'ms1mv2')
   config.model.dtype = 'bfloat16'
-  config.head.name = 'arcface'
-  config.head.arcface.m = 0.5
   config.batch_size = 1024
   config.num_epochs = 20.0
   config.optimizer.weight_decay = 1e-4
   config.optimizer.no_decay = ''  # arcface_torch decays every parameter
   config.schedule.name = 'polynomial'
-  config.schedule.power = 2.0
-  config.schedule.learning_rate = 0.1
-  return config
+  return base.finish(config, variant)

@@ -1,19 +1,25 @@
-"""Checkpoints: one global orbax checkpoint per step, never one per process.
+"""Work directories and checkpoints: one global orbax checkpoint per step, never per process.
 
 Layout of a work directory:
   DIR/config.json                  the run's configuration (written once, at the start)
-  DIR/checkpoints/<step>/state     the whole train state (params, batch_stats, optimiser
-                                   state, head state, RNG, step), each array saved by the
-                                   processes that hold its shards
+  DIR/checkpoints/<step>/state     the train state (params, batch_stats, optimiser state,
+                                   head state, RNG, step), each array saved by the processes
+                                   that hold its shards
   DIR/checkpoints/<step>/meta      JSON: best verification accuracies so far, and the like
 
 Orbax writes a step to a temporary directory and renames it when complete, so a run killed
 at any moment (even `kill -9` in the middle of a save) leaves only finished checkpoints, and
 a restart resumes from the newest one. Because the input order is a pure function of (seed,
 step) and the RNG is folded with the step, (state, step) is all a resume needs.
+
+Weights from elsewhere (`python -m sface_jax.tools.import_torch`) are written as a work
+directory too, whose one checkpoint holds only `params/backbone` and `batch_stats`: every
+consumer of trained weights loads them with `load_for_inference`, whatever made them.
 """
 
+import contextlib
 import json
+import logging as python_logging
 import os
 from typing import Any
 
@@ -22,6 +28,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sface_jax import files
+
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -29,10 +37,8 @@ CHECKPOINT_DIR = 'checkpoints'
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + '.tmp', 'w') as f:
+    with files.atomic_write(os.path.join(workdir, CONFIG_FILE)) as f:
       f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + '.tmp', path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -75,13 +81,38 @@ class Checkpointer:
     self._manager.close()
 
 
-def _resolve(path: str) -> tuple[str, int]:
-  """A work directory (newest step) or one step's directory -> (workdir, step)."""
+@contextlib.contextmanager
+def _reader(workdir: str):
+  """A read-only manager of `workdir`'s checkpoints, without orbax's read-only warnings."""
+  absl_logger = python_logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(python_logging.ERROR)  # "... read_only=True ..." on every load
+  try:
+    manager = ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      yield manager
+    finally:
+      manager.close()
+  finally:
+    absl_logger.setLevel(level)
+
+
+def workdir_of(path: str) -> str:
+  """The work directory of a work directory or of one of its steps (by the path alone)."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  return os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINT_DIR else path
+
+
+def resolve(path: str) -> tuple[str, int]:
+  """A work directory (its newest step) or one step's directory -> (workdir, step)."""
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, CONFIG_FILE)):
-    manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if os.path.isdir(manager.directory) else None
+    step = None
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+      with _reader(path) as manager:
+        step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'{path} holds no finished checkpoint under {CHECKPOINT_DIR}/')
     return path, step
@@ -94,63 +125,57 @@ def _resolve(path: str) -> tuple[str, int]:
       f'(<workdir>/{CHECKPOINT_DIR}/<step>)')
 
 
-def _imported_config(metadata: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The fields inference reads, for weights from `sface_jax.tools.import_torch`."""
-  return ml_collections.ConfigDict({
-      'model': {'name': metadata['model'], 'embedding_dim': metadata['embedding_dim'],
-                'dtype': 'float32'},
-      'data': {'dir': '', 'image_size': metadata['image_size']},
-      'eval': {'sets': (), 'batch_size': 256}})
+def save_backbone(workdir: str, config: ml_collections.ConfigDict, variables: Any) -> None:
+  """Writes trained backbone weights as a work directory (config + checkpoint step 0).
+
+  `variables` = {'params': ..., 'batch_stats': ...} of `config.model`. The directory must
+  not exist yet; it is written under a temporary name and renamed when complete.
+  """
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir):
+    raise FileExistsError(f'{workdir}: exists; choose a new output directory')
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  with files.atomic_path(workdir) as tmp:
+    save_config(config, tmp)
+    state = {'params': {'backbone': variables['params']},
+             'batch_stats': variables.get('batch_stats', {})}
+    checkpointer = Checkpointer(tmp, keep=1, async_save=False)
+    try:
+      checkpointer.save(0, state, {'source': config.get('source', '')})
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
 
 
 def load_for_inference(path: str, *, model_name: str | None = None):
-  """Backbone and its variables, for embedding, from any of:
+  """Backbone and its variables, for embedding, from a work directory (its newest
+  checkpoint) or one step's directory (`<workdir>/checkpoints/<step>`).
 
-    a work directory (its newest checkpoint), one step's directory
-    (`<workdir>/checkpoints/<step>`), or the output of `sface_jax.tools.import_torch`
-    (PyTorch weights converted: `model.json` + `variables.msgpack`).
-
-  From checkpoints, restores only `params/backbone` and `batch_stats` (never the class
-  centres or the optimiser state, which can be far larger than the backbone), onto this
-  process's first device whatever topology wrote them. `model_name` overrides the
-  architecture the weights were made for; weights of another architecture are an error
-  naming both. `config.data.dir` comes back resolved ('' → `<workdir>/data`).
+  Restores only `params/backbone` and `batch_stats` (never the class centres or the optimiser
+  state, which can be far larger than the backbone), onto this process's first device
+  whatever topology wrote them. `model_name` overrides the architecture the weights were made
+  for; weights of another architecture are an error naming both. `config.data.dir` comes back
+  resolved ('' → `<workdir>/data`).
 
   Returns (config, model, variables) with variables = {'params', 'batch_stats'}.
   """
   from sface_jax import models  # pylint: disable=g-import-not-at-top
   from sface_jax.data import tfrecord  # pylint: disable=g-import-not-at-top
-  from sface_jax.tools import import_torch  # pylint: disable=g-import-not-at-top
-  imported = os.path.exists(os.path.join(path, import_torch.METADATA_FILE))
-  if imported:
-    where = os.path.abspath(path)
-    imported_variables, metadata = import_torch.load_variables(path)
-    config = _imported_config(metadata)
-  else:
-    workdir, step = _resolve(path)
-    where = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-    config = load_config(workdir)
-    config.data.dir = tfrecord.dataset_dir(config.data.dir, workdir)
+  workdir, step = resolve(path)
+  where = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+  config = load_config(workdir)
+  config.data.dir = tfrecord.dataset_dir(config.data.dir, workdir)
   trained_name = config.model.name
   name = model_name or trained_name
   model = models.get_model(name, embedding_dim=config.model.embedding_dim,
                            dtype=config.model.dtype)
-  size = config.data.image_size
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32),
-                         train=False))
+  expected = models.abstract_variables(model, config.data.image_size)
   expected = {'params': expected['params'], 'batch_stats': expected.get('batch_stats', {})}
-  if imported:
-    variables = imported_variables
-  else:
-    # On this process's first device, whatever topology the checkpoint was written from
-    # (evaluation replicates the variables onto its own mesh).
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
-        {'params': {'backbone': expected['params']}, 'batch_stats': expected['batch_stats']})
-    manager = ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
+      {'params': {'backbone': expected['params']}, 'batch_stats': expected['batch_stats']})
+  with _reader(workdir) as manager:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
@@ -159,8 +184,7 @@ def load_for_inference(path: str, *, model_name: str | None = None):
     except (ValueError, KeyError) as e:
       raise ValueError(f'{where} (trained as {trained_name!r}) does not fit model {name!r}: '
                        f'{e}') from e
-    variables = {'params': restored['params']['backbone'],
-                 'batch_stats': restored['batch_stats']}
+  variables = {'params': restored['params']['backbone'], 'batch_stats': restored['batch_stats']}
   _check_fits(variables, expected, where, trained_name, name)
   return config, model, variables
 

@@ -1,14 +1,13 @@
 """`train_and_evaluate(config, workdir)`: the one training loop.
 
-Read top to bottom: data info → mesh → model, head, optimiser → the train state, created
-already sharded (`jax.eval_shape` → shardings → `jax.jit(init, out_shardings=…)`) or
-restored from the newest checkpoint → the jitted `train_step` → the loop (progress, metrics,
-evaluation, checkpoints, NaN guard, SIGTERM).
+Read top to bottom: the dataset (converted on first use) → mesh → model, head, optimiser →
+the train state, created already sharded (`jax.eval_shape` → shardings → `jax.jit(init,
+out_shardings=…)`) or restored from the newest checkpoint → the jitted `train_step` → the loop
+(progress, metrics, evaluation, checkpoints, NaN guard, SIGTERM).
 """
 
 import dataclasses
 import functools
-import math
 import signal
 import time
 from typing import Any
@@ -27,11 +26,12 @@ from sface_jax import evaluate
 from sface_jax import heads
 from sface_jax import models
 from sface_jax import optim
+from sface_jax import progress
 from sface_jax import sharding
+from sface_jax.data import convert
 from sface_jax.data import pipeline
 from sface_jax.data import tfrecord
-from sface_jax.heads import classifier
-from sface_jax.tools import convert
+from sface_jax.evaluation import report
 
 PROGRESS_SECONDS = 10.0  # a progress line at least this often, besides every log step
 
@@ -51,30 +51,55 @@ class TrainState:
 class Setup:
   """The static pieces the step is built from (closed over by `jax.jit`)."""
   model: Any
-  classifier: Any
+  classifier: heads.ClassCenters
   head: heads.Head
+  head_loss: Any  # sharding.shard_head(head, mesh, ...)
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   num_classes: int
+  padded_classes: int  # num_classes rounded up to a multiple of the device count
   image_size: int
   embedding_dim: int
 
 
-def make_setup(config: ml_collections.ConfigDict, *, num_classes: int,
-               steps_per_epoch: int, total_steps: int) -> Setup:
+def check_config(config: ml_collections.ConfigDict, *, num_classes: int,
+                 num_devices: int) -> None:
+  """Settings that cannot work on this many devices fail here, naming the field."""
+  if config.batch_size <= 0 or config.batch_size % num_devices:
+    raise ValueError(f'config.batch_size={config.batch_size} is not a positive multiple of '
+                     f'the {num_devices} devices (the batch is split over all of them)')
+  if num_classes < num_devices:
+    raise ValueError(f'the dataset has {num_classes} classes, fewer than the {num_devices} '
+                     'devices its class centres are split over; use fewer devices')
+  if not 0.0 < config.head.sample_rate <= 1.0:
+    raise ValueError(f'config.head.sample_rate={config.head.sample_rate}: expected a fraction '
+                     'in (0, 1] (1 = every class, no Partial FC sampling)')
+  if config.head.center_init not in heads.classifier.CENTER_INITS:
+    raise ValueError(f'config.head.center_init={config.head.center_init!r}: choose one of '
+                     f'{heads.classifier.CENTER_INITS}')
+
+
+def make_setup(config: ml_collections.ConfigDict, *, num_classes: int, steps_per_epoch: int,
+               total_steps: int, mesh: jax.sharding.Mesh) -> Setup:
+  check_config(config, num_classes=num_classes, num_devices=mesh.size)
   head = heads.get_head(config.head)
   schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
                                           total_steps=total_steps)
+  padded_classes = sharding.padded_num_classes(num_classes, mesh)
   return Setup(
       model=models.get_model(config.model.name, embedding_dim=config.model.embedding_dim,
                              dropout=config.model.dropout, dtype=config.model.dtype),
-      classifier=classifier.ClassCenters(num_classes=num_classes,
-                                         embedding_dim=config.model.embedding_dim,
-                                         use_bias=head.uses_bias),
+      classifier=heads.ClassCenters(num_classes=num_classes,
+                                    embedding_dim=config.model.embedding_dim,
+                                    use_bias=head.uses_bias, padded_classes=padded_classes,
+                                    center_init=config.head.center_init),
       head=head,
+      head_loss=sharding.shard_head(head, mesh, num_classes=num_classes,
+                                    sample_rate=config.head.sample_rate),
       optimizer=optim.make_optimizer(config.optimizer, schedule),
       schedule=schedule,
       num_classes=num_classes,
+      padded_classes=padded_classes,
       image_size=config.data.image_size,
       embedding_dim=config.model.embedding_dim)
 
@@ -85,33 +110,31 @@ def create_train_state(seed: int, setup: Setup) -> TrainState:
   backbone_rng, classifier_rng = jax.random.split(jax.random.fold_in(rng, 1))
   images = jnp.zeros((1, setup.image_size, setup.image_size, 3), jnp.float32)
   variables = setup.model.init(backbone_rng, images, train=False)
-  params = {'backbone': variables['params']}
+  params = {'backbone': variables['params'], 'classifier': {}}
   if setup.head.uses_classifier:
     params['classifier'] = setup.classifier.init(classifier_rng)['params']
-  else:
-    params['classifier'] = {}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=variables.get('batch_stats', {}),
       opt_state=setup.optimizer.init(params),
-      head_state=setup.head.init_state(setup.num_classes, setup.embedding_dim),
+      head_state=setup.head.init_state(setup.padded_classes, setup.embedding_dim),
       rng=jax.random.key_data(rng))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                setup: Setup) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step: forward, loss, backward, optax update, head-state update. Pure."""
-  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  dropout_rng, head_rng = jax.random.split(step_rng)
 
   def loss_fn(params):
     (embeddings, _), updates = setup.model.apply(
         {'params': params['backbone'], 'batch_stats': state.batch_stats},
         batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    centers = params['classifier'].get('class_centers')
-    bias = params['classifier'].get('bias')
-    loss, head_state, head_metrics = setup.head.loss(
-        embeddings, batch['label'], centers, bias, state.head_state, state.step)
+    loss, head_state, head_metrics = setup.head_loss(
+        embeddings, batch['label'], params['classifier'], state.head_state, state.step,
+        jax.random.key_data(head_rng))
     return loss, (updates['batch_stats'], head_state, head_metrics)
 
   (loss, (batch_stats, head_state, head_metrics)), grads = jax.value_and_grad(
@@ -128,48 +151,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state, head_state=head_state, rng=state.rng)
   return new_state, metrics
-
-
-class _Progress:
-  """Throughput, ETA and a one-line summary; also what goes to TensorBoard."""
-
-  def __init__(self, total_steps: int, start_step: int, batch_size: int):
-    self.total_steps = total_steps
-    self.batch_size = batch_size
-    self.last_step = start_step
-    self.last_time = time.perf_counter()
-    self.last_print = self.last_time
-
-  def restart_clock(self, step: int) -> None:
-    """Throughput counts from here: the first step after a (re)start includes compilation."""
-    self.last_step, self.last_time = step, time.perf_counter()
-
-  def due(self, step: int, log_every: int) -> bool:
-    return (step % log_every == 0 or step == self.total_steps
-            or time.perf_counter() - self.last_print >= PROGRESS_SECONDS)
-
-  def line(self, step: int, metrics: dict[str, float]) -> tuple[str, dict[str, float]]:
-    now = time.perf_counter()
-    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time, self.last_print = step, now, now
-    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
-    scalars = dict(metrics, steps_per_sec=steps_per_sec,
-                   images_per_sec=steps_per_sec * self.batch_size)
-    text = (f'step {step}/{self.total_steps} | loss {metrics["loss"]:.4f} | '
-            f'lr {metrics["learning_rate"]:.4g} | {scalars["images_per_sec"]:.1f} img/s | '
-            f'xnorm {metrics["xnorm"]:.2f}')
-    if 'theta_target' in metrics:
-      text += f' | θ_y {metrics["theta_target"]:.1f}°'
-    text += f' | ETA {_duration(eta)}'
-    return text, scalars
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else (
-      f'{seconds // 60}m{seconds % 60:02d}s')
 
 
 class _Preemption:
@@ -198,15 +179,18 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
-  return {name: float(value) for name, value in jax.device_get(metrics).items()}
+def _progress_line(step: int, total_steps: int, metrics: dict[str, float], rate: float,
+                   left: float, batch_size: int) -> str:
+  text = (f'step {step}/{total_steps} | loss {metrics["loss"]:.4f} | '
+          f'lr {metrics["learning_rate"]:.4g} | {rate * batch_size:.1f} img/s | '
+          f'xnorm {metrics["xnorm"]:.2f}')
+  if 'theta_target' in metrics:
+    text += f' | θ_y {metrics["theta_target"]:.1f}°'
+  return text + f' | ETA {progress.format_duration(left)}'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir` when it holds a checkpoint), evaluates, checkpoints.
-
-  Returns the last verification results (set name → metrics), or {} without eval sets.
-  """
+def _prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tfrecord.DatasetInfo:
+  """The converted dataset (converting `config.data.convert.source` on first use)."""
   data_dir = tfrecord.dataset_dir(config.data.dir, workdir)
   if jax.process_index() == 0:  # the others wait: conversion writes to shared storage
     convert.prepare(config.data.convert, data_dir)
@@ -217,15 +201,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.data.num_classes not in (-1, info.num_classes):
     raise ValueError(f'config.data.num_classes={config.data.num_classes} but '
                      f'{data_dir}/{tfrecord.INFO_FILE} says {info.num_classes}')
+  return info
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` when it holds a checkpoint), evaluates, checkpoints.
+
+  Returns the last verification results (set name → metrics), or {} without eval sets.
+  """
+  info = _prepare_data(config, workdir)
   steps_per_epoch = max(info.num_examples // config.batch_size, 1)
   total_steps = (config.num_steps if config.num_steps > 0
                  else int(round(config.num_epochs * steps_per_epoch)))
+  mesh = sharding.make_mesh()
   setup = make_setup(config, num_classes=info.num_classes, steps_per_epoch=steps_per_epoch,
-                     total_steps=total_steps)
-  mesh = sharding.make_mesh(config.mesh)
-  if config.batch_size % mesh.shape[sharding.DATA_AXIS]:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
-                     f'{mesh.shape[sharding.DATA_AXIS]} devices of the data axis')
+                     total_steps=total_steps, mesh=mesh)
   checkpoint.save_config(config, workdir)
 
   init_fn = functools.partial(create_train_state, config.seed, setup)
@@ -245,101 +235,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Resumed from %s/%d', checkpointer.directory, start_step)
     print(f'Resuming from step {start_step} ({checkpointer.directory}/{start_step})')
 
+  batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(functools.partial(train_step, setup=setup),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                    in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
   batches = pipeline.train_dataset(
       info, batch_size=config.batch_size, image_size=config.data.image_size,
       seed=config.seed, start_step=start_step, random_flip=config.data.random_flip,
       augmentation=pipeline.Augmentation.from_config(config.data),
-      shuffle_buffer=config.data.shuffle_buffer, prefetch=config.data.prefetch)
-  evaluator = (evaluate.Evaluator(config.eval.sets, data_dir=data_dir,
+      shuffle_buffer=config.data.shuffle_buffer, prefetch=config.data.prefetch,
+      host_split=config.data.host_split)
+  evaluator = (evaluate.Evaluator(config.eval.sets, data_dir=info.directory,
                                   image_size=config.data.image_size,
                                   batch_size=config.eval.batch_size, mesh=mesh)
                if config.eval.sets else None)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
+  sampled = (f', Partial FC {config.head.sample_rate:g}'
+             if config.head.sample_rate < 1 else '')
   print(f'Training {config.model.name} + {config.head.name} on {info.num_examples} images '
         f'of {info.num_classes} identities: {total_steps} steps of {config.batch_size} '
-        f'({total_steps / steps_per_epoch:.1f} epochs) on {mesh.devices.size} device(s) '
-        f'{dict(mesh.shape)}')
+        f'({total_steps / steps_per_epoch:.1f} epochs) on {mesh.size} device(s), '
+        f'{setup.padded_classes // mesh.size} class centres each{sampled}')
 
   if evaluator is not None:  # highest accuracies survive restarts, in the checkpoint
     evaluator.highest_accuracy.update(meta.get('highest_accuracy', {}))
   last_good = start_step if start_step else None
   results: dict[str, Any] = {}
-  progress = _Progress(total_steps, start_step, config.batch_size)
+  clock = progress.Progress(total_steps, start_step)
+  last_print = time.perf_counter()
   preemption = _Preemption()
-
-  def check_finite(step: int, metrics: dict[str, Any]) -> None:
-    metrics = _to_host(metrics)
-    if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
-      where = (f'the last good checkpoint is {checkpointer.directory}/{last_good}'
-               if last_good is not None else 'no checkpoint was written yet')
-      raise NonFiniteLossError(
-          f'loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} at step {step}: '
-          f'training stopped; {where} (not overwritten).')
-
-  def run_eval(step: int) -> None:
-    nonlocal results
-    variables = {'params': state.params['backbone'], 'batch_stats': state.batch_stats}
-    results = evaluator.run(setup.model, variables)
-    highest = evaluator.highest_accuracy
-    scalars = {}
-    for name, result in results.items():
-      scalars[f'{name}/accuracy'] = result.accuracy
-      scalars[f'{name}/highest_accuracy'] = highest[name]
-      scalars[f'{name}/xnorm'] = result.xnorm
-    writer.write_scalars(step, scalars)
-    print(f'[eval step {step}] ' + ', '.join(
-        f'{name} {result.accuracy:.4f} (highest {highest[name]:.4f})'
-        for name, result in results.items()))
-
-  def save(step: int) -> None:
-    nonlocal last_good
-    highest = evaluator.highest_accuracy if evaluator is not None else {}
-    checkpointer.save(step, state, {'highest_accuracy': highest,
-                                    'num_classes': info.num_classes, 'total_steps': total_steps})
-    last_good = step
-
-  batch_sharding = sharding.batch_sharding(mesh)
-  previous = None  # (step, metrics) of the step before, checked while the next one runs
   step = start_step
   try:
     while step < total_steps:
       batch = pipeline.global_batch(next(batches), batch_sharding)
       state, metrics = step_fn(state, batch)
       step += 1
-      if previous is not None:  # no stall: the device is already busy with `step`
-        check_finite(*previous)
-      previous = (step, metrics)
-      if step == start_step + 1:
-        check_finite(*previous)  # waits for the first step, which includes compilation
-        progress.restart_clock(step)
+      if step == start_step + 1:  # the first step compiles: throughput counts from here
+        jax.block_until_ready(metrics)
+        clock.restart(step)
       last = step == total_steps
       eval_due = evaluator is not None and (last or (
           config.eval.every_steps > 0 and step % config.eval.every_steps == 0))
       save_due = last or step % config.checkpoint_every_steps == 0
+      log_due = (step % config.log_every_steps == 0 or last
+                 or time.perf_counter() - last_print >= PROGRESS_SECONDS)
       preempted = preemption.reached(step)
-      if not (progress.due(step, config.log_every_steps) or eval_due or save_due
-              or preempted):
+      if not (log_due or eval_due or save_due or preempted):
         continue
-      check_finite(step, metrics)  # before anything is saved
-      previous = None
-      text, scalars = progress.line(step, _to_host(metrics))
-      print(text, flush=True)
-      writer.write_scalars(step, scalars)
+      host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not (np.isfinite(host_metrics['loss']) and np.isfinite(host_metrics['grad_norm'])):
+        where = (f'the last good checkpoint is {checkpointer.directory}/{last_good}'
+                 if last_good is not None else 'no checkpoint was written yet')
+        raise NonFiniteLossError(
+            f'loss {host_metrics["loss"]} / gradient norm {host_metrics["grad_norm"]} by step '
+            f'{step}: training stopped; {where} (not overwritten).')
+      rate, left = clock.measure(step)
+      last_print = time.perf_counter()
+      print(_progress_line(step, total_steps, host_metrics, rate, left, config.batch_size),
+            flush=True)
+      writer.write_scalars(step, {**host_metrics, 'steps_per_sec': rate,
+                                  'images_per_sec': rate * config.batch_size})
       if eval_due:
-        run_eval(step)
+        variables = {'params': state.params['backbone'], 'batch_stats': state.batch_stats}
+        results = evaluator.run(setup.model, variables)
+        highest = evaluator.highest_accuracy
+        writer.write_scalars(step, {f'{name}/{key}': value
+                                    for name, result in results.items()
+                                    for key, value in (('accuracy', result.accuracy),
+                                                       ('highest_accuracy', highest[name]),
+                                                       ('xnorm', result.xnorm))})
+        print(f'[eval step {step}] ' + ', '.join(
+            f'{name} {result.accuracy:.4f} (highest {highest[name]:.4f})'
+            for name, result in results.items()))
       if save_due or preempted:
-        save(step)
+        checkpointer.save(step, state, {
+            'highest_accuracy': evaluator.highest_accuracy if evaluator is not None else {},
+            'num_classes': info.num_classes, 'total_steps': total_steps})
+        last_good = step
       if preempted:
         print(f'Stopped at step {step} on SIGTERM; rerun the same command to resume.')
         break
-    if results and step == total_steps:
-      evaluate.write_report(results, workdir, step=step)
-      print(evaluate.format_table(results))
+    if results and step == total_steps and jax.process_index() == 0:
+      report.write_report(results, workdir, step=step)
+      print(report.format_table(results))
   finally:
     checkpointer.wait()
     checkpointer.close()

@@ -7,8 +7,14 @@ as an insightface RecordIO dataset). Tests that need it skip only when that fold
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests (and the subprocesses they start, which inherit the environment) compile the same
+# small train steps; XLA's persistent cache turns a repeat compile from seconds into a load.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'sface_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from sface_jax.data import bin_sets
+from sface_jax.data import pair_sets
 from sface_jax.data import tfrecord
 
 
@@ -57,8 +57,8 @@ def write_dataset(directory: str, *, num_classes: int = 8, per_class: int = 8,
     b = a if i % 2 == 0 else (a + 1) % num_val_identities
     images += [_image(rng, val_patterns[a]), _image(rng, val_patterns[b])]
     issame.append(a == b)
-  pairs = bin_sets.PairSet(name='val', images=images, issame=np.array(issame))
-  bin_sets.write_npz(pairs, os.path.join(directory, 'verification', 'val.npz'))
+  pairs = pair_sets.PairSet(name='val', images=images, issame=np.array(issame))
+  pair_sets.write_npz(pairs, os.path.join(directory, 'verification', 'val.npz'))
 
   info = tfrecord.DatasetInfo(
       directory=directory, num_classes=num_classes, num_examples=len(examples),

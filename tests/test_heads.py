@@ -7,10 +7,6 @@ the gradients being central finite differences of the float64 reference (or its 
 """
 
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -254,7 +250,8 @@ def test_insightface_grad_mode_is_plain_cos_gradient_on_target():
   value_and_vjp = jax.jit(value_and_vjp, static_argnums=2)
   exact_value, exact_grad = value_and_vjp(cos, cotangent, False)
   insight_value, insight_grad = value_and_vjp(cos, cotangent, True)
-  np.testing.assert_array_equal(exact_value, insight_value)
+  # The same value: c + stop_gradient(t − c) rounds to t within an ulp or two of s·t.
+  np.testing.assert_allclose(insight_value, exact_value, rtol=1e-6, atol=1e-5)
   # insightface mode: d logit / d cos = s everywhere, target included.
   np.testing.assert_allclose(insight_grad, scale * cotangent, rtol=1e-6)
   # exact mode: on the target, s·d cos(θ+m)/d cos θ = s·(cos m + sin m·cos θ / sin θ).
@@ -658,6 +655,19 @@ def reference_loss_with_constants(name, x, w, bias, state, constants):
   return reference_head(name, x, w, bias, state)[0]
 
 
+def run_head(head, x, labels, w, b, state, step):
+  """`head.loss` on one device, every class here (what `sharding.shard_head` does per
+  device), as a function of the classifier parameters."""
+  classifier = {}
+  if head.uses_classifier:
+    classifier['class_centers'] = w
+  if head.uses_bias:
+    classifier['bias'] = b
+  inputs = heads.head_inputs(x, labels, classifier, num_classes=C if w is None else w.shape[1],
+                             sample_rate=1.0, rng=jax.random.key(0), axis_name=None)
+  return head.loss(inputs, state, step)
+
+
 def numpy_state(state):
   return jax.tree.map(lambda v: np.array(v, np.float64), state)
 
@@ -673,7 +683,7 @@ def test_head_against_reference(name):
   b_in = bias if head.uses_bias else None
 
   def loss_fn(x_, w_, b_):
-    value, new_state, metrics = head.loss(x_, LABELS, w_, b_, state, jnp.int32(STEP))
+    value, new_state, metrics = run_head(head, x_, LABELS, w_, b_, state, jnp.int32(STEP))
     return value, (new_state, metrics)
 
   (value, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(
@@ -728,7 +738,7 @@ def test_every_head_jit_bf16_and_edge_cases():
       state = head.init_state(C, D)
 
       def loss_fn(x_, w_, b_):
-        value, new_state, metrics = head.loss(x_, labels, w_, b_, state, jnp.int32(3))
+        value, new_state, metrics = run_head(head, x_, labels, w_, b_, state, jnp.int32(3))
         return value, (new_state, metrics)
 
       out[name] = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
@@ -817,73 +827,3 @@ def test_get_head_flags_state_and_unknown_name():
   assert float(stats['norm_mean']) == 20.0 and float(stats['norm_std']) == 100.0
   with pytest.raises(ValueError, match='nmae'):
     heads.get_head(head_config('nmae'))
-
-
-SHARDED_SCRIPT = r'''
-import os
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from configs import base
-from sface_jax import heads
-
-B, D, C = 8, 6, 16
-rng = np.random.default_rng(0)
-x = (rng.normal(size=(B, D)) * 5).astype(np.float32)
-w = rng.normal(size=(D, C)).astype(np.float32)
-b = rng.normal(size=C).astype(np.float32)
-labels = np.array([0, 15, 3, 15, 0, 7, 3, 9], np.int32)
-centers = rng.normal(size=(C, D)).astype(np.float32)
-all_heads = {}
-for name in heads.HEAD_NAMES:
-  config = base.get_config().head
-  config.name = name
-  all_heads[name] = heads.get_head(config)
-
-
-def step(x, w, b, labels, centers):
-  """Every head's value, new state, metrics and gradients, in one program (one compile)."""
-  out = {}
-  for name, head in all_heads.items():
-    state = {'centers': centers} if name == 'center' else head.init_state(C, D)
-
-    def loss_fn(x, w, b):
-      value, new_state, metrics = head.loss(x, labels, w, b, state, jnp.int32(5))
-      return value, (new_state, metrics)
-
-    out[name] = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
-        x, w if head.uses_classifier else None, b if head.uses_bias else None)
-  return out
-
-
-expected = jax.jit(step)(x, w, b, labels, centers)
-worst = 0.0
-# Explicit axes (jax.make_mesh's default) are the strict mode: a gather along a sharded
-# class axis does not type-check there. Auto axes are what sface_jax.sharding uses.
-for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
-  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(axis_type, axis_type))
-  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-  with jax.set_mesh(mesh):
-    actual = jax.jit(step)(put(x, P('data', None)), put(w, P(None, 'model')),
-                           put(b, P('model')), put(labels, P('data')),
-                           put(centers, P('model', None)))
-  for name in heads.HEAD_NAMES:
-    for a, e in zip(jax.tree.leaves(actual[name]), jax.tree.leaves(expected[name])):
-      a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-      error = np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30)
-      assert error <= 1e-5, (axis_type, name, error)
-      worst = max(worst, error)
-print('sharded heads ok, worst relative difference', worst)
-'''
-
-
-def test_every_head_with_sharded_classes():
-  """Batch over `data`, class centres over `model` (8 CPU devices, explicit and auto mesh
-  axes): the same numbers as on one device."""
-  repo_root = pathlib.Path(__file__).resolve().parents[1]
-  python_path = os.pathsep.join(filter(None, [str(repo_root), os.environ.get('PYTHONPATH')]))
-  env = dict(os.environ, PYTHONPATH=python_path, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], cwd=repo_root, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'sharded heads ok' in result.stdout

@@ -57,16 +57,20 @@ TINY = torch_reference.SMALL_IRESNETS['tiny']  # = sface_jax.models 'tiny'
 
 
 def test_r18_command_line_import_matches_torch(shared_data, tmp_path):
-  """Full-width r18 through the command: torch.save → convert → msgpack → same embeddings."""
+  """Full-width r18 through the command: torch.save → convert → work directory → same
+  embeddings, read back by the loader every trained model goes through."""
   torch_model = torch_reference.randomize_(torch_reference.build('r18'), seed=1).eval()
   checkpoint = tmp_path / 'backbone.pth'
   torch.save(torch_model.state_dict(), checkpoint)
   output = tmp_path / 'r18_flax'
   import_torch.main(['--checkpoint', str(checkpoint), '--model', 'r18',
                      '--output', str(output)])
-  variables, metadata = import_torch.load_variables(str(output))
-  assert metadata['model'] == 'r18' and metadata['image_size'] == 112
+  from sface_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config, _, variables = checkpoint_lib.load_for_inference(str(output))
+  assert config.model.name == 'r18' and config.data.image_size == 112
+  assert config.source == str(checkpoint)
   assert sorted(path.name for path in tmp_path.iterdir()) == ['backbone.pth', 'r18_flax']
+  assert sorted(path.name for path in output.iterdir()) == ['checkpoints', 'config.json']
 
   faces = load_faces(shared_data, 8)
   expected = torch_embeddings(torch_model, faces)
@@ -146,7 +150,9 @@ def test_imported_weights_evaluate_through_the_cli(shared_data, tmp_path):
   """torch.save → import CLI → evaluate CLI on the real held-out .bin: the accuracy equals
   the protocol run on PyTorch's own flip-summed embeddings of the same images."""
   from sface_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from sface_jax.data import bin_sets  # pylint: disable=g-import-not-at-top
+  from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from sface_jax.data import pair_sets  # pylint: disable=g-import-not-at-top
+  from sface_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
   torch_model = torch_reference.IResNet(**TINY, num_features=128, image_size=64)
   torch_model = torch_reference.randomize_(torch_model, seed=4, image_size=64).eval()
   torch.save(torch_model.state_dict(), tmp_path / 'backbone.pth')
@@ -154,16 +160,16 @@ def test_imported_weights_evaluate_through_the_cli(shared_data, tmp_path):
   import_torch.main(['--checkpoint', str(tmp_path / 'backbone.pth'), '--model', 'tiny',
                      '--embedding-dim', '128', '--image-size', '64', '--output', str(imported)])
   bin_path = shared_data / 'orl' / 'insightface' / 'orl_val.bin'
-  assert evaluate.main(['--checkpoint', str(imported), '--sets', str(bin_path),
+  assert evaluate.main(['--workdir', str(imported), '--sets', str(bin_path),
                         '--output-dir', str(tmp_path)]) == 0
   with open(tmp_path / 'eval' / 'verification.json') as f:
     reported = json.load(f)['sets']['orl_val']
 
-  pairs = bin_sets.read_bin(str(bin_path))
-  images = (bin_sets.decode_images(pairs.images, 64).astype(np.float32) - 127.5) / 128.0
+  pairs = pair_sets.read_bin(str(bin_path))
+  images = (images_lib.decode_all(pairs.images, 64).astype(np.float32) - 127.5) / 128.0
   summed = torch_embeddings(torch_model, images) + torch_embeddings(torch_model,
                                                                     images[:, :, ::-1])
-  reference = evaluate.verification_metrics(summed[0::2], summed[1::2], pairs.issame)
+  reference = verification.verification_metrics(summed[0::2], summed[1::2], pairs.issame)
   assert reported['num_pairs'] == 900
   # Embeddings agree to ~1e-5, which can move a pair sitting on a threshold: allow one.
   assert abs(reported['accuracy'] - reference.accuracy) <= 1 / 900 + 1e-12

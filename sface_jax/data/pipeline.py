@@ -11,22 +11,28 @@ The bracketed augmentations are off by default (`Augmentation()`); they are for 
 datasets (the 300-image demo), where a network otherwise memorises its training set.
 
 Determinism. Everything random is derived from `seed` with stateless operations, per epoch:
-the file order of epoch e from (seed, e) (and the host, when hosts split by files), the
-shuffle buffer's seed from (seed, e, host), the flip and augmentation of the i-th example
-of epoch e from (seed, e, host, i). Epochs are built one at a time (`range(epoch, inf).flat_map(one_epoch)`),
-so epoch e's order does not depend on what came before it; the interleave's cycle length is
-fixed and `deterministic=True` keeps parallel reading and decoding in order, so the thread
-count changes speed only. The k-th local batch is therefore a pure function of (seed, k,
-host, dataset): a run resumed at `start_step` = k skips k * local_batch examples -- whole
-epochs arithmetically, the rest of the current epoch by passing its serialised records
-through the shuffle buffer without parsing or decoding them -- and then sees exactly the
-batches an uninterrupted run sees.
+the file order of epoch e from (seed, e), the shuffle buffer's seed from (seed, e), the flip
+and augmentation of the i-th example of epoch e from (seed, e, i). Epochs are built one at a
+time (`range(epoch, inf).flat_map(one_epoch)`), so epoch e's order does not depend on what
+came before it; the interleave's cycle length is fixed and `deterministic=True` keeps
+parallel reading and decoding in order, so the thread count changes speed only. The k-th
+global batch is therefore a pure function of (seed, k, dataset).
 
-Resuming mid-epoch costs reading (not decoding) up to one host-epoch of records: for MS1MV2
-(5.8 M images) on P hosts, at most 5.8 M / P records. bench/input_pipeline.py measured
-~210 k skipped records/s on 2 shared CPU cores with the files in the page cache (~0.5 min
-for a whole 5.8 M epoch on one host, against ~10 min to decode it); from cold storage the
-bound is reading those bytes once. Resuming at an epoch boundary skips nothing.
+Hosts (`host_split`). 'records' (the default): every host reads the same stream and keeps
+its slice of each global batch (host h the examples [h·L, (h+1)·L) of every B, L = B / hosts),
+skipping the others before decoding them: the global batches are the same on any number of
+hosts, so a run can move between machine sizes and give the same result. 'files': each host
+reads every hosts-th shard with its own stream (the host index folded into every seed): 1/hosts
+of the reading, for pods where reading every record on every host costs too much; the
+batches then depend on the host count.
+
+Resuming at `start_step` = k skips k·B examples of the stream (k·L per host with 'files'):
+whole epochs arithmetically, the rest of the current epoch by passing its serialised records
+through the shuffle buffer without parsing or decoding them, and then sees exactly the
+batches an uninterrupted run sees. That costs reading (not decoding) up to one epoch of
+records: bench/input_pipeline.py measured ~210 k skipped records/s on 2 shared CPU cores
+with the files in the page cache (~0.5 min for MS1MV2's 5.8 M images, against ~10 min to
+decode them); from cold storage the bound is reading those bytes once.
 """
 
 import dataclasses
@@ -37,6 +43,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from sface_jax.data import images as images_lib
 from sface_jax.data import tfrecord
 
 # tf.data only runs on the host: keep TensorFlow off the accelerators that JAX owns.
@@ -48,34 +55,32 @@ except RuntimeError:  # TensorFlow already initialised its devices: too late, no
 # Files read concurrently by the interleave. Fixed, not AUTOTUNE: the interleave's output
 # order depends on it, and AUTOTUNE would make the order depend on the machine.
 CYCLE_LENGTH = 16
-# insightface's normalisation: uint8 [0, 255] -> [-0.996, 0.996].
-PIXEL_MEAN = 127.5
-PIXEL_SCALE = 128.0
-# `shard_by='auto'` splits by files only when the hosts' example counts differ by at most
-# this fraction: records of a host with fewer examples are seen more often per epoch.
-MAX_FILE_SPLIT_IMBALANCE = 0.01
+HOST_SPLITS = ('records', 'files')
 
 # Purpose tags folded into the seed so that the random streams are independent.
 _FILE_ORDER, _SHUFFLE_BUFFER, _FLIP, _GEOMETRY, _PHOTOMETRY = 1, 2, 3, 4, 5
 
-_JPEG_MAGIC = b'\xff\xd8\xff'
-_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 @dataclasses.dataclass(frozen=True)
 class HostSplit:
-  """The part of the dataset that one host reads each epoch.
+  """How one host reads the dataset (module docstring, "Hosts").
 
-  `by == 'files'`: the host reads `files` (every `process_count`-th shard, fixed across
-  epochs). `by == 'records'`: every host reads all shards in the same order and keeps every
-  `process_count`-th record, starting at `process_index`.
+  `by == 'records'`: every host reads all shards (`files`) in the same order and keeps its
+  slice of each global batch. `by == 'files'`: the host reads `files` (every
+  `process_count`-th shard) as its own stream.
   """
-  by: str  # 'files' | 'records'
+  by: str  # 'records' | 'files'
   files: tuple[str, ...]
   file_sizes: tuple[int, ...]
-  num_examples: int  # records this host reads per epoch
+  num_examples: int  # records in this host's stream per epoch
   process_index: int
   process_count: int
+
+  @property
+  def stream(self) -> tuple[int, ...]:
+    """What is folded into every seed besides (seed, epoch): the host, for own streams."""
+    return (self.process_index,) if self.by == 'files' and self.process_count > 1 else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,38 +172,25 @@ def _augment_photometry(image: tf.Tensor, augmentation: Augmentation, key: tf.Te
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def host_split(info: tfrecord.DatasetInfo, process_index: int, process_count: int,
-               shard_by: str = 'auto') -> HostSplit:
-  """Chooses how host `process_index` of `process_count` gets a disjoint part of the data.
-
-  Splitting by files reads each byte once over all hosts, but is only fair when every host
-  gets files of about the same total size; otherwise hosts split by records, each reading
-  all files and keeping 1 / process_count of the records.
-  """
+def split_for_host(info: tfrecord.DatasetInfo, process_index: int, process_count: int,
+               by: str = 'records') -> HostSplit:
+  """What host `process_index` of `process_count` reads (module docstring, "Hosts")."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  if shard_by not in ('auto', 'files', 'records'):
-    raise ValueError(f"shard_by is {shard_by!r}, expected 'auto', 'files' or 'records'")
+  if by not in HOST_SPLITS:
+    raise ValueError(f"config.data.host_split is {by!r}, expected one of {HOST_SPLITS}")
   paths = tuple(info.shard_paths)
   sizes = tuple(n for _, n in info.shards)
+  if by == 'records':
+    return HostSplit('records', paths, sizes, info.num_examples, process_index, process_count)
   per_host = [sum(sizes[h::process_count]) for h in range(process_count)]
-  files_ok = len(paths) >= process_count and min(per_host) > 0
-  if shard_by == 'auto':
-    balanced = files_ok and (max(per_host) - min(per_host)) <= MAX_FILE_SPLIT_IMBALANCE * max(
-        per_host)
-    shard_by = 'files' if balanced else 'records'
-  if shard_by == 'files':
-    if not files_ok:
-      raise ValueError(f'{info.directory}: {len(paths)} shard files cannot be split over '
-                       f'{process_count} hosts (some host would get no example)')
-    return HostSplit('files', paths[process_index::process_count],
-                     sizes[process_index::process_count], per_host[process_index],
-                     process_index, process_count)
-  num_examples = len(range(process_index, info.num_examples, process_count))
-  if num_examples == 0:
-    raise ValueError(f'{info.directory}: {info.num_examples} examples cannot be split over '
-                     f'{process_count} hosts')
-  return HostSplit('records', paths, sizes, num_examples, process_index, process_count)
+  if len(paths) < process_count or min(per_host) == 0:
+    raise ValueError(f'{info.directory}: {len(paths)} shard files cannot be split over '
+                     f'{process_count} hosts (some host would get no example); use '
+                     "config.data.host_split='records'")
+  return HostSplit('files', paths[process_index::process_count],
+                   sizes[process_index::process_count], per_host[process_index],
+                   process_index, process_count)
 
 
 def resume_position(start_step: int, local_batch_size: int,
@@ -234,37 +226,40 @@ def _read_files(paths: tf.Tensor, sizes: tf.Tensor, num_parallel: int) -> tf.dat
 
 
 def _epoch_records(split: HostSplit, *, seed: int, shuffle_buffer: int, start_epoch: int,
-                   skip: int, num_parallel: int):
+                   skip: int, num_parallel: int, batch_size: int):
   """Returns `epoch -> dataset of that epoch's records`, in this host's order."""
   paths = tf.constant(split.files)
   sizes = tf.constant(split.file_sizes, tf.int64)
+  local_batch = batch_size // split.process_count
 
   def one_epoch(epoch):
     # Dataset.shuffle mixes the process-wide seed of tf.random.set_seed into its own; clear
     # it in this traced function so the order depends on `seed` alone.
     tf.compat.v1.get_default_graph().seed = None
-    if split.by == 'files':
-      order_key = _key(seed, _FILE_ORDER, epoch, split.process_index)
-    else:  # every host must read the same order to split it by records
-      order_key = _key(seed, _FILE_ORDER, epoch)
+    order_key = _key(seed, _FILE_ORDER, epoch, *split.stream)
     order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(paths)), order_key)
     records = _read_files(tf.gather(paths, order), tf.gather(sizes, order), num_parallel)
-    if split.by == 'records':
-      records = records.shard(split.process_count, split.process_index)
     records = records.shuffle(
         shuffle_buffer, reshuffle_each_iteration=False,
-        seed=_scalar_seed(_key(seed, _SHUFFLE_BUFFER, epoch, split.process_index)))
+        seed=_scalar_seed(_key(seed, _SHUFFLE_BUFFER, epoch, *split.stream)))
     records = records.enumerate().map(
         lambda i, r: {'serialized': r[0], 'file': r[1], 'record': r[2], 'epoch': epoch,
                       'index': i})
     # Resume: drop what the interrupted run already consumed, before any parsing/decoding.
-    return records.skip(tf.where(epoch == start_epoch, tf.constant(skip, tf.int64), 0))
+    records = records.skip(tf.where(epoch == start_epoch, tf.constant(skip, tf.int64), 0))
+    if split.by == 'records' and split.process_count > 1:
+      # This host's slice of every global batch: stream position p = epoch·N + index.
+      def mine(r):
+        position = epoch * split.num_examples + r['index']
+        return (position % batch_size) // local_batch == split.process_index
+      records = records.filter(mine)
+    return records
 
   return one_epoch
 
 
 def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool,
-               augmentation: Augmentation, seed: int, process_index: int):
+               augmentation: Augmentation, seed: int, stream: tuple[int, ...]):
   """serialised record -> {'image': float32 (S, S, 3) normalised, 'label': int32}."""
 
   def decode(r):
@@ -272,10 +267,10 @@ def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool,
     encoded = example[tfrecord.IMAGE_KEY]
     label = example[tfrecord.LABEL_KEY]
     where = ['file', r['file'], 'record', r['record']]
-    is_jpeg = tf.strings.substr(encoded, 0, 3) == _JPEG_MAGIC
+    is_jpeg = tf.strings.substr(encoded, 0, 3) == images_lib.JPEG_MAGIC
     checks = [
         tf.debugging.Assert(
-            tf.logical_or(is_jpeg, tf.strings.substr(encoded, 0, 8) == _PNG_MAGIC),
+            tf.logical_or(is_jpeg, tf.strings.substr(encoded, 0, 8) == images_lib.PNG_MAGIC),
             [f'{tfrecord.IMAGE_KEY} is neither JPEG nor PNG:'] + where),
         tf.debugging.Assert(
             tf.logical_and(label >= 0, label < num_classes),
@@ -296,14 +291,14 @@ def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool,
     image = tf.ensure_shape(image, (image_size, image_size, 3))
     if augmentation.geometric:
       image = _augment_geometry(
-          image, augmentation, _key(seed, _GEOMETRY, r['epoch'], process_index, r['index']))
+          image, augmentation, _key(seed, _GEOMETRY, r['epoch'], *stream, r['index']))
     if random_flip:
       image = tf.image.stateless_random_flip_left_right(
-          image, seed=_key(seed, _FLIP, r['epoch'], process_index, r['index']))
+          image, seed=_key(seed, _FLIP, r['epoch'], *stream, r['index']))
     if augmentation.photometric:
       image = _augment_photometry(
-          image, augmentation, _key(seed, _PHOTOMETRY, r['epoch'], process_index, r['index']))
-    return {'image': (image - PIXEL_MEAN) / PIXEL_SCALE, 'label': tf.cast(label, tf.int32)}
+          image, augmentation, _key(seed, _PHOTOMETRY, r['epoch'], *stream, r['index']))
+    return {'image': images_lib.normalize(image), 'label': tf.cast(label, tf.int32)}
 
   return decode
 
@@ -315,7 +310,7 @@ def make_train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_siz
                        process_index: Optional[int] = None,
                        process_count: Optional[int] = None,
                        num_threads: Optional[int] = None,
-                       shard_by: str = 'auto') -> tf.data.Dataset:
+                       host_split: str = 'records') -> tf.data.Dataset:
   """The endless, batched tf.data pipeline of this host; see `train_dataset`."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -324,15 +319,17 @@ def make_train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_siz
   if start_step < 0:
     raise ValueError(f'start_step is {start_step}, expected >= 0')
   local_batch = batch_size // process_count
-  split = host_split(info, process_index, process_count, shard_by)
-  start_epoch, skip = resume_position(start_step, local_batch, split.num_examples)
+  split = split_for_host(info, process_index, process_count, host_split)
+  stream_batch = batch_size if split.by == 'records' else local_batch
+  start_epoch, skip = resume_position(start_step, stream_batch, split.num_examples)
   parallel = tf.data.AUTOTUNE if num_threads is None else num_threads
 
   one_epoch = _epoch_records(split, seed=seed, shuffle_buffer=max(1, shuffle_buffer),
-                             start_epoch=start_epoch, skip=skip, num_parallel=parallel)
+                             start_epoch=start_epoch, skip=skip, num_parallel=parallel,
+                             batch_size=batch_size)
   decode = _decode_fn(image_size=image_size, num_classes=info.num_classes,
                       random_flip=random_flip, augmentation=augmentation, seed=seed,
-                      process_index=process_index)
+                      stream=split.stream)
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
   ds = ds.map(decode, num_parallel_calls=parallel, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -351,22 +348,22 @@ def train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_size: in
                   augmentation: Augmentation = Augmentation(), shuffle_buffer: int = 20_000,
                   prefetch: int = 2, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, num_threads: Optional[int] = None,
-                  shard_by: str = 'auto') -> Iterator[dict[str, np.ndarray]]:
+                  host_split: str = 'records') -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator over this host's batches, starting at global step `start_step`.
 
   Yields {'image': float32 (batch_size / process_count, S, S, 3) in (x - 127.5) / 128,
   'label': int32 (batch_size / process_count,)}. `batch_size` is global (all hosts); the
-  hosts read disjoint parts of the data (`shard_by`: 'files', 'records' or 'auto', see
-  `host_split`). `augmentation`: random transforms besides the flip (`Augmentation`; none
-  by default). Batch k is a pure function of (seed, k, host); `num_threads` (None: tf.data
-  autotuning) only changes speed, never the order.
+  hosts share the data as `host_split` says ('records' or 'files': module docstring).
+  `augmentation`: random transforms besides the flip (`Augmentation`; none by default).
+  Global batch k is a pure function of (seed, k) with 'records' (of (seed, k, host count)
+  with 'files'); `num_threads` (None: tf.data autotuning) only changes speed, never the
+  order.
   """
   return make_train_dataset(
       info, batch_size=batch_size, image_size=image_size, seed=seed, start_step=start_step,
       random_flip=random_flip, augmentation=augmentation, shuffle_buffer=shuffle_buffer,
       prefetch=prefetch, process_index=process_index, process_count=process_count,
-      num_threads=num_threads,
-      shard_by=shard_by).as_numpy_iterator()
+      num_threads=num_threads, host_split=host_split).as_numpy_iterator()
 
 
 def global_batch(local_batch: dict[str, np.ndarray],
@@ -374,9 +371,13 @@ def global_batch(local_batch: dict[str, np.ndarray],
   """Assembles each host's local batch into global arrays (batch = concatenation over hosts).
 
   Every host calls this with its own `local_batch`; the global batch dimension is
-  process_count * local batch. `sharding` is the training step's batch sharding,
-  NamedSharding(mesh, PartitionSpec('data')) (`sface_jax.sharding.batch_sharding`): batch
-  axis split over the mesh's `data` axis, replicated over the others.
+  process_count × local batch, host h's rows at [h·L, (h+1)·L). `sharding` is the training
+  step's batch sharding (`sface_jax.sharding.batch_sharding`: the batch axis split over all
+  devices, each host's devices contiguous in the mesh, so a host's rows are its devices').
   """
-  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for name, value in local_batch.items()}
+  arrays = {}
+  for name, value in local_batch.items():
+    value = np.asarray(value)
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return arrays

@@ -1,8 +1,10 @@
 """Loss heads: pure functions of cosines (or embeddings), labels and hyper-parameters.
 
 One loss family per module; `get_head(config.head)` wraps any of them behind one calling
-convention for the training step (see `head.py`). `ClassCenters` is the only Flax module: it
-owns the class-centre matrix; everything else here is a pure, jittable function in float32.
+convention for the training step (see `head.py`), which also runs them on a block of the
+classes per device (`head_inputs`, Partial FC's sampling in `partial_fc.py`). `ClassCenters`
+is the only Flax module: it owns the class-centre matrix; everything else here is a pure,
+jittable function in float32.
 """
 
 from sface_jax.heads.adaface import adaface_logits
@@ -17,6 +19,8 @@ from sface_jax.heads.classifier import cosine_logits
 from sface_jax.heads.common import accuracy
 from sface_jax.heads.common import angle_stats
 from sface_jax.heads.head import Head
+from sface_jax.heads.head import HeadInputs
+from sface_jax.heads.head import head_inputs
 from sface_jax.heads.head import HEAD_NAMES
 from sface_jax.heads.head import get_head
 from sface_jax.heads.margin import margin_logits
@@ -35,7 +39,7 @@ from sface_jax.heads.sphereface import sphereface_psi
 from sface_jax.heads.triplet import batch_hard_triplet_loss
 
 __all__ = [
-    'ClassCenters', 'HEAD_NAMES', 'Head', 'accuracy', 'adaface_logits',
+    'ClassCenters', 'HEAD_NAMES', 'Head', 'HeadInputs', 'head_inputs', 'accuracy', 'adaface_logits',
     'adaface_logits_with_target', 'angle_stats', 'batch_hard_triplet_loss', 'center_loss',
     'cosine_logits', 'cross_entropy', 'get_head', 'init_norm_stats', 'linear_logits',
     'margin_logits', 'margin_logits_with_target', 'margin_target', 'norm_quality',

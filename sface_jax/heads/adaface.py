@@ -22,7 +22,7 @@ angular margin that de-emphasises them. The clip keeps the target non-increasing
 cos(θ + g) is computed as cos θ·cos g − sin θ·sin g with a clamped sin θ (no arccos).
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +43,19 @@ def init_norm_stats() -> Dict[str, Array]:
           'norm_std': jnp.float32(INITIAL_NORM_STD)}
 
 
-def update_norm_stats(norms: Array, stats: Dict[str, Array], *,
-                      momentum: float = 0.01) -> Dict[str, Array]:
-  """EMA of the batch mean and (unbiased) std of clip(‖x‖, 0.001, 100); no gradient."""
+def update_norm_stats(norms: Array, stats: Dict[str, Array], *, momentum: float = 0.01,
+                      axis_name: Optional[str] = None) -> Dict[str, Array]:
+  """EMA of the batch mean and (unbiased) std of clip(‖x‖, 0.001, 100); no gradient.
+
+  The batch is the global one: with the batch split over devices, `norms` is this device's
+  shard and `axis_name` sums the moments over all shards (every device gets the same stats).
+  """
   norms = jnp.clip(jax.lax.stop_gradient(common.as_float32(norms)), NORM_MIN, NORM_MAX)
-  ddof = 1 if norms.shape[0] > 1 else 0
-  batch_mean = jnp.mean(norms)
-  batch_std = jnp.std(norms, ddof=ddof)
+  count = norms.shape[0] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
+  ddof = 1 if count > 1 else 0
+  batch_mean = common.device_sum(jnp.sum(norms), axis_name) / count
+  squares = common.device_sum(jnp.sum(jnp.square(norms - batch_mean)), axis_name)
+  batch_std = jnp.sqrt(squares / (count - ddof))
   return {
       'norm_mean': momentum * batch_mean + (1.0 - momentum) * stats['norm_mean'],
       'norm_std': momentum * batch_std + (1.0 - momentum) * stats['norm_std'],

@@ -24,28 +24,36 @@ from sface_jax.heads import common
 Array = jax.Array
 
 
-def center_loss(embeddings: Array, labels: Array, centers: Array) -> Array:
-  """½·mean_i ‖x_i − c_{y_i}‖² (float32 scalar; centres not differentiated)."""
+def center_loss(embeddings: Array, labels: Array, centers: Array, *,
+                axis_name: str | None = None) -> Array:
+  """½·mean_i ‖x_i − c_{y_i}‖² (float32 scalar; centres not differentiated).
+
+  `centers` may be a block of the rows, with `labels` block labels (−1 where the row lives
+  on another device): each block adds its own samples' terms, `axis_name` the blocks.
+  """
   x = common.as_float32(embeddings)
   centers = jax.lax.stop_gradient(common.as_float32(centers))
   labels = jnp.asarray(labels).astype(jnp.int32)
-  # c_{y_i}, laid out like x (explicit meshes ask for the output sharding of a gather).
-  assigned = centers.at[labels].get(out_sharding=jax.typeof(x).sharding)
-  return 0.5 * jnp.mean(jnp.sum(jnp.square(x - assigned), axis=-1))
+  assigned = centers[jnp.clip(labels, 0, centers.shape[0] - 1)]
+  squared = jnp.where(common.in_block(labels, centers.shape[0]),
+                      jnp.sum(jnp.square(x - assigned), axis=-1), 0.0)
+  return 0.5 * common.device_sum(jnp.sum(squared), axis_name) / x.shape[0]
 
 
 def update_centers(embeddings: Array, labels: Array, centers: Array, *,
                    alpha: float = 0.5) -> Array:
-  """c_j − α·Σ_{i:y_i=j}(c_j − x_i)/(1 + n_j) for every class j; (C, D) float32."""
+  """c_j − α·Σ_{i:y_i=j}(c_j − x_i)/(1 + n_j) for every class j of `centers`; float32.
+
+  Only the classes in the batch move, so the rule is applied sample by sample,
+  c_{y_i} −= α·(c_{y_i} − x_i)/(1 + n_{y_i}) summed over i by a scatter-add of B rows,
+  rather than over the whole (C, D) table. With a block of the rows (block labels), each
+  device moves its own rows; `embeddings` and `labels` are the whole batch.
+  """
   x = jax.lax.stop_gradient(common.as_float32(embeddings))
   centers = common.as_float32(centers)
   labels = jnp.asarray(labels).astype(jnp.int32)
-  # Only the classes in the batch move, so the rule is applied sample by sample —
-  # c_{y_i} −= α·(c_{y_i} − x_i)/(1 + n_{y_i}) summed over i by a scatter-add of B rows —
-  # instead of over the whole (C, D) table. The (small) batch is gathered in full and each
-  # device holding a slice of the centres adds the rows that fall into it.
-  x, labels = common.replicate(x), common.replicate(labels)
+  owned = common.in_block(labels, centers.shape[0])
+  rows = jnp.clip(labels, 0, centers.shape[0] - 1)
   counts = jnp.sum((labels[:, None] == labels[None, :]).astype(jnp.float32), axis=1)
-  assigned = centers.at[labels].get(out_sharding=jax.typeof(x).sharding)
-  step = alpha * (assigned - x) / (1.0 + counts)[:, None]
-  return centers.at[labels].add(-step, out_sharding=jax.typeof(centers).sharding)
+  step = alpha * (centers[rows] - x) / (1.0 + counts)[:, None]
+  return centers.at[rows].add(jnp.where(owned[:, None], -step, 0.0))

@@ -1,25 +1,34 @@
 """`get_head(config.head) -> Head`: one loss, chosen by name, behind one calling convention.
 
   head = get_head(config.head)
-  state = head.init_state(num_classes, embedding_dim)      # {} when the head has none
-  loss, new_state, metrics = head.loss(embeddings, labels, class_centers, bias, state, step)
+  state = head.init_state(padded_classes, embedding_dim)    # {} when the head has none
+  inputs = head_inputs(embeddings, labels, params['classifier'], ...)
+  loss, new_state, metrics = head.loss(inputs, state, step)
 
-`embeddings` are the raw backbone embeddings (B, D), any float dtype (cast to float32 here);
-`class_centers` (D, C) and `bias` (C,) come from `ClassCenters` (None when the head does not
-use them); `labels` (B,) int; `step` an int32 scalar (SphereFace's λ schedule). The loss is a
-float32 scalar to differentiate; `new_state` is computed without gradient by the head's own
-rule (AdaFace running norm statistics, center-loss centres) and replaces `state` after the
-step; `metrics` are float32 scalars for logging: `theta_target` (batch-mean θ_y in degrees)
-and `theta_nearest_negative` (batch-mean min_{j≠y} θ_j) where the head has class centres,
-`accuracy` (train top-1 of the argmax of cos θ, or of the logits for plain softmax),
-`xnorm` (batch-mean ‖x‖, insightface's XNorm), and the head's own numbers.
+A head runs on every device at once (`sharding.shard_head` wraps it in `jax.shard_map`;
+with one device, everything below is simply whole). On each device, `HeadInputs` holds that
+device's shard of the batch, the whole batch (all-gathered: every device scores every sample
+against its own classes), and its block of the class centres: C/n columns, or Partial FC's
+sample of them. Heads reduce over the classes with `axis_name` (a distributed log-sum-exp,
+summed SFace terms, ...), so the loss and the metrics come out the same on every device and
+equal to the one-device computation. The all-gather's transpose, in the backward pass, sums
+each sample's embedding gradient from every device's classes back onto the device that owns
+the sample (a reduce-scatter).
 
-All hyper-parameters are read here, once, into Python numbers, so the returned functions
-close over constants and jit with the config static.
+`loss` returns a float32 scalar to differentiate; `new_state` is computed without gradient
+by the head's own rule (AdaFace running norm statistics, center-loss centres) and replaces
+`state` after the step; `metrics` are float32 scalars for logging: `xnorm` (batch-mean ‖x‖,
+insightface's XNorm), and where the head has class centres `theta_target` (batch-mean θ_y in
+degrees), `theta_nearest_negative` and `accuracy` (train top-1; under Partial FC among the
+sampled classes), plus the head's own numbers.
+
+The table `HEADS` builds each head from its config with keyword arguments, reading every
+hyper-parameter once into Python numbers, so the loss functions close over constants and jit
+with the config static.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +37,7 @@ from sface_jax.heads import adaface as adaface_lib
 from sface_jax.heads import center as center_lib
 from sface_jax.heads import common
 from sface_jax.heads import margin as margin_lib
+from sface_jax.heads import partial_fc
 from sface_jax.heads import sface as sface_lib
 from sface_jax.heads import softmax as softmax_lib
 from sface_jax.heads import sphereface as sphereface_lib
@@ -36,130 +46,203 @@ from sface_jax.heads.classifier import cosine_logits
 
 Array = jax.Array
 Metrics = Dict[str, Array]
-LossFn = Callable[[Array, Array, Any, Any, Any, Array], Tuple[Array, Any, Metrics]]
 
-HEAD_NAMES = ('softmax', 'normface', 'sphereface', 'cosface', 'arcface', 'combined', 'sface',
-              'quality_sface', 'adaface', 'center', 'triplet')
+
+@dataclasses.dataclass(frozen=True)
+class HeadInputs:
+  """What a head sees on one device (see the module docstring)."""
+  embeddings: Array  # (b, D) float32: this device's shard of the batch, b = B / devices
+  labels: Array  # (b,) int32
+  all_embeddings: Array  # (B, D) float32: the whole batch
+  all_labels: Array  # (B,) int32
+  batch_offset: Any  # row of `embeddings[0]` in the whole batch
+  class_centers: Optional[Array]  # (D, K): the columns this device scores against
+  bias: Optional[Array]  # (K,)
+  block_labels: Optional[Array]  # (B,): each sample's column among them, −1 elsewhere
+  valid: Optional[Array]  # (K,) bool: a real class (not padding)
+  row_labels: Optional[Array]  # (B,): each sample's row among this device's classes (per-
+  #                              class state such as center-loss centres), −1 elsewhere
+  axis_name: Optional[str]  # the mesh axis of the devices (None: one device)
+
+
+LossFn = Callable[[HeadInputs, Any, Array], Tuple[Array, Any, Metrics]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Head:
   """A loss and what it needs: see the module docstring for the calling convention."""
-  name: str
-  uses_classifier: bool
-  uses_bias: bool
-  init_state: Callable[[int, int], Any]
   loss: LossFn
+  name: str = ''
+  uses_classifier: bool = True
+  uses_bias: bool = False
+  init_state: Callable[[int, int], Any] = lambda padded_classes, embedding_dim: {}
 
 
-def _no_state(num_classes: int, embedding_dim: int) -> Dict[str, Array]:
-  del num_classes, embedding_dim
-  return {}
+def head_inputs(embeddings: Array, labels: Array, classifier: Dict[str, Array], *,
+                num_classes: int, sample_rate: float, rng: Array,
+                axis_name: Optional[str]) -> HeadInputs:
+  """Gathers the batch, finds this device's block of classes and samples it (Partial FC).
+
+  embeddings, labels: this device's shard of the batch. classifier: this device's block of
+  `params['classifier']` (`class_centers` (D, C_block), maybe `bias`), {} for heads
+  without one. rng: a key shared by all devices (each folds in its index to sample).
+  """
+  x = common.as_float32(embeddings)
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  if axis_name is None:
+    device, all_x, all_labels = 0, x, labels
+  else:
+    device = jax.lax.axis_index(axis_name)
+    all_x = jax.lax.all_gather(x, axis_name, tiled=True)
+    all_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+  inputs = dict(embeddings=x, labels=labels, all_embeddings=all_x, all_labels=all_labels,
+                batch_offset=device * x.shape[0], axis_name=axis_name, class_centers=None,
+                bias=None, block_labels=None, valid=None, row_labels=None)
+  centers = classifier.get('class_centers')
+  if centers is None:
+    return HeadInputs(**inputs)
+  bias = classifier.get('bias')
+  block_classes = centers.shape[1]
+  first = device * block_classes
+  mine = (all_labels >= first) & (all_labels < first + block_classes)
+  row_labels = jnp.where(mine, all_labels - first, -1)
+  valid = first + jnp.arange(block_classes) < num_classes
+  block_labels = row_labels
+  if sample_rate < 1.0:
+    keep = partial_fc.num_sampled(block_classes, sample_rate, all_x.shape[0])
+    columns = partial_fc.sample_columns(row_labels, valid, keep,
+                                        jax.random.fold_in(rng, device))
+    centers, valid = centers[:, columns], valid[columns]
+    bias = None if bias is None else bias[columns]
+    block_labels = partial_fc.relabel(row_labels, columns)
+  inputs.update(class_centers=centers, bias=bias, block_labels=block_labels, valid=valid,
+                row_labels=row_labels)
+  return HeadInputs(**inputs)
 
 
-def _norm_stats_state(num_classes: int, embedding_dim: int) -> Dict[str, Array]:
-  del num_classes, embedding_dim
-  return adaface_lib.init_norm_stats()
+# ---- metrics ------------------------------------------------------------------------------
 
 
-def _center_state(num_classes: int, embedding_dim: int) -> Dict[str, Array]:
-  return {'centers': jnp.zeros((num_classes, embedding_dim), jnp.float32)}
+def _batch_mean(values: Array, inputs: HeadInputs) -> Array:
+  """Mean over the whole batch of per-sample values of this device's shard (no gradient)."""
+  total = common.device_sum(jnp.sum(jax.lax.stop_gradient(values)), inputs.axis_name)
+  return total / inputs.all_embeddings.shape[0]
 
 
-def _base_metrics(x: Array) -> Metrics:
-  return {'xnorm': jnp.mean(common.row_norms(jax.lax.stop_gradient(x)))}
+def _base_metrics(inputs: HeadInputs) -> Metrics:
+  return {'xnorm': _batch_mean(common.row_norms(inputs.embeddings), inputs)}
 
 
-def _cosine_metrics(x: Array, cos_theta: Array, labels: Array) -> Metrics:
-  metrics = _base_metrics(x)
-  metrics.update(common.angle_stats(cos_theta, labels))
-  metrics['accuracy'] = common.accuracy(jax.lax.stop_gradient(cos_theta), labels)
+def _cosine_metrics(inputs: HeadInputs, cos_theta: Array) -> Metrics:
+  metrics = _base_metrics(inputs)
+  metrics.update(common.angle_stats(cos_theta, inputs.block_labels, valid=inputs.valid,
+                                    axis_name=inputs.axis_name))
+  metrics['accuracy'] = common.accuracy(cos_theta, inputs.block_labels, valid=inputs.valid,
+                                        axis_name=inputs.axis_name)
   return metrics
 
 
-def _softmax_theta_target(x: Array, raw_logits: Array, class_centers: Array,
-                          labels: Array) -> Array:
-  """θ_y = arccos(x·W_y / (‖x‖‖W_y‖)) from the bias-free logits, batch mean in degrees.
-
-  Masks, not gathers, so that the class axis may be sharded.
-  """
-  x, raw_logits = jax.lax.stop_gradient(x), jax.lax.stop_gradient(raw_logits)
-  mask = common.target_mask(labels, raw_logits.shape[-1])
-  column_norms = common.row_norms(jax.lax.stop_gradient(common.as_float32(class_centers)).T)
-  denominator = common.row_norms(x) * common.target_values(column_norms[None, :], mask)
-  cos_target = common.target_values(raw_logits, mask) / jnp.maximum(denominator, 1e-12)
-  return jnp.degrees(jnp.mean(jnp.arccos(common.clip_unit(cos_target))))
+def _norm_quality(inputs: HeadInputs, state, momentum: float, h: float):
+  """AdaFace's running norm statistics, updated with the global batch, and ẑ of every sample."""
+  state = adaface_lib.update_norm_stats(common.row_norms(inputs.embeddings), state,
+                                        momentum=momentum, axis_name=inputs.axis_name)
+  quality = adaface_lib.norm_quality(common.row_norms(inputs.all_embeddings), state, h=h)
+  own_quality = adaface_lib.norm_quality(common.row_norms(inputs.embeddings), state, h=h)
+  return state, quality, {**state, 'quality': _batch_mean(own_quality, inputs)}
 
 
-def _margin_loss(scale, m1, m2, m3, easy_margin, insightface_grad) -> LossFn:
-  def loss(embeddings, labels, class_centers, bias, state, step):
-    del bias, step
-    x = common.as_float32(embeddings)
-    cos_theta = cosine_logits(x, class_centers)
-    logits, target = margin_lib.margin_logits_with_target(
-        cos_theta, labels, scale=scale, m1=m1, m2=m2, m3=m3, easy_margin=easy_margin,
-        insightface_grad=insightface_grad)
-    return (softmax_lib.cross_entropy(logits, labels, target_logits=target), state,
-            _cosine_metrics(x, cos_theta, labels))
+# ---- the losses ---------------------------------------------------------------------------
+
+
+def _margin_loss(scale, m1=1.0, m2=0.0, m3=0.0, easy_margin=False,
+                 insightface_grad=False) -> LossFn:
+  margins = dict(scale=float(scale), m1=float(m1), m2=float(m2), m3=float(m3),
+                 easy_margin=bool(easy_margin), insightface_grad=bool(insightface_grad))
+
+  def loss(inputs, state, step):
+    del step
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    logits, target = margin_lib.margin_logits_with_target(cos_theta, inputs.block_labels,
+                                                          **margins)
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
+                                      valid=inputs.valid, axis_name=inputs.axis_name)
+    return value, state, _cosine_metrics(inputs, cos_theta)
   return loss
 
 
-def _softmax_loss(with_centers: bool = False, center_weight: float = 0.0,
-                  center_alpha: float = 0.0) -> LossFn:
-  def loss(embeddings, labels, class_centers, bias, state, step):
+def _softmax_theta_target(inputs: HeadInputs, raw_logits: Array) -> Array:
+  """θ_y = arccos(x·W_y / (‖x‖‖W_y‖)) from the bias-free logits, batch mean in degrees."""
+  labels = inputs.block_labels
+  raw_logits = jax.lax.stop_gradient(raw_logits)
+  centers = jax.lax.stop_gradient(inputs.class_centers)
+  column_norms = common.row_norms(centers.T)[jnp.clip(labels, 0, centers.shape[1] - 1)]
+  denominator = common.row_norms(jax.lax.stop_gradient(inputs.all_embeddings)) * column_norms
+  cos_target = common.take_target(raw_logits, labels) / jnp.maximum(denominator, 1e-12)
+  cos_target = common.device_sum(cos_target, inputs.axis_name)
+  return jnp.degrees(jnp.mean(jnp.arccos(common.clip_unit(cos_target))))
+
+
+def _softmax_loss(weight=0.0, alpha=0.0, with_centers=False) -> LossFn:
+  """Plain softmax; with `with_centers`, center loss (weight λ, centre rate α) on top."""
+  weight, alpha = float(weight), float(alpha)
+
+  def loss(inputs, state, step):
     del step
-    x = common.as_float32(embeddings)
-    labels = jnp.asarray(labels).astype(jnp.int32)
-    raw_logits = softmax_lib.linear_logits(x, class_centers)
-    logits = raw_logits + common.as_float32(bias)
-    value = softmax_lib.cross_entropy(logits, labels)
-    metrics = _base_metrics(x)
-    metrics['accuracy'] = common.accuracy(jax.lax.stop_gradient(logits), labels)
-    metrics['theta_target'] = _softmax_theta_target(x, raw_logits, class_centers, labels)
+    raw_logits = softmax_lib.linear_logits(inputs.all_embeddings, inputs.class_centers)
+    logits = raw_logits + common.as_float32(inputs.bias)
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, valid=inputs.valid,
+                                      axis_name=inputs.axis_name)
+    metrics = _base_metrics(inputs)
+    metrics['accuracy'] = common.accuracy(logits, inputs.block_labels, valid=inputs.valid,
+                                          axis_name=inputs.axis_name)
+    metrics['theta_target'] = _softmax_theta_target(inputs, raw_logits)
     if with_centers:
       centers = state['centers']
-      pull = center_lib.center_loss(x, labels, centers)
+      pull = center_lib.center_loss(inputs.all_embeddings, inputs.row_labels, centers,
+                                    axis_name=inputs.axis_name)
       metrics['cross_entropy'] = jax.lax.stop_gradient(value)
       metrics['center_loss'] = jax.lax.stop_gradient(pull)
-      value = value + center_weight * pull
-      state = {'centers': center_lib.update_centers(x, labels, centers, alpha=center_alpha)}
+      value = value + weight * pull
+      state = {'centers': center_lib.update_centers(inputs.all_embeddings, inputs.row_labels,
+                                                    centers, alpha=alpha)}
     return value, state, metrics
   return loss
 
 
 def _sphereface_loss(m, base, gamma, power, lambda_min) -> LossFn:
-  def loss(embeddings, labels, class_centers, bias, state, step):
-    del bias
-    x = common.as_float32(embeddings)
-    cos_theta = cosine_logits(x, class_centers)
-    lambda_ = sphereface_lib.sphereface_lambda(step, base=base, gamma=gamma, power=power,
-                                               lambda_min=lambda_min)
+  schedule = dict(base=float(base), gamma=float(gamma), power=float(power),
+                  lambda_min=float(lambda_min))
+
+  def loss(inputs, state, step):
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    lambda_ = sphereface_lib.sphereface_lambda(step, **schedule)
     logits, target = sphereface_lib.sphereface_logits_with_target(
-        cos_theta, common.row_norms(x), labels, m=m, lambda_=lambda_)
-    metrics = _cosine_metrics(x, cos_theta, labels)
+        cos_theta, common.row_norms(inputs.all_embeddings), inputs.block_labels, m=int(m),
+        lambda_=lambda_)
+    metrics = _cosine_metrics(inputs, cos_theta)
     metrics['lambda'] = lambda_
-    return softmax_lib.cross_entropy(logits, labels, target_logits=target), state, metrics
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
+                                      valid=inputs.valid, axis_name=inputs.axis_name)
+    return value, state, metrics
   return loss
 
 
 def _sface_loss(scale, k, a, b, shift=None, h=None, momentum=None) -> LossFn:
-  quality_aware = shift is not None
+  """SFace; with `shift`, quality-aware SFace (running norm statistics with h, momentum)."""
+  sigmoids = dict(scale=float(scale), k=float(k), a=float(a), b=float(b))
 
-  def loss(embeddings, labels, class_centers, bias, state, step):
-    del bias, step
-    x = common.as_float32(embeddings)
-    cos_theta = cosine_logits(x, class_centers)
-    metrics = _cosine_metrics(x, cos_theta, labels)
+  def loss(inputs, state, step):
+    del step
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    metrics = _cosine_metrics(inputs, cos_theta)
     quality = None
-    if quality_aware:
-      norms = common.row_norms(x)
-      state = adaface_lib.update_norm_stats(norms, state, momentum=momentum)
-      quality = adaface_lib.norm_quality(norms, state, h=h)
-      metrics.update(state)
-      metrics['quality'] = jnp.mean(quality)
-    intra, inter = sface_lib.sface_loss_terms(cos_theta, labels, scale=scale, k=k, a=a, b=b,
-                                              quality=quality,
-                                              shift=shift if quality_aware else 0.0)
+    if shift is not None:
+      state, quality, quality_metrics = _norm_quality(inputs, state, float(momentum), float(h))
+      metrics.update(quality_metrics)
+    intra, inter = sface_lib.sface_loss_terms(
+        cos_theta, inputs.block_labels, quality=quality,
+        shift=0.0 if shift is None else float(shift), valid=inputs.valid,
+        axis_name=inputs.axis_name, **sigmoids)
     metrics['intra_loss'] = jax.lax.stop_gradient(intra)
     metrics['inter_loss'] = jax.lax.stop_gradient(inter)
     return intra + inter, state, metrics
@@ -167,82 +250,67 @@ def _sface_loss(scale, k, a, b, shift=None, h=None, momentum=None) -> LossFn:
 
 
 def _adaface_loss(scale, m, h, momentum) -> LossFn:
-  def loss(embeddings, labels, class_centers, bias, state, step):
-    del bias, step
-    x = common.as_float32(embeddings)
-    cos_theta = cosine_logits(x, class_centers)
-    norms = common.row_norms(x)
-    state = adaface_lib.update_norm_stats(norms, state, momentum=momentum)
-    quality = adaface_lib.norm_quality(norms, state, h=h)
-    logits, target = adaface_lib.adaface_logits_with_target(cos_theta, labels, quality,
-                                                            scale=scale, m=m)
-    metrics = _cosine_metrics(x, cos_theta, labels)
-    metrics.update(state)
-    metrics['quality'] = jnp.mean(quality)
-    return softmax_lib.cross_entropy(logits, labels, target_logits=target), state, metrics
-  return loss
-
-
-def _triplet_loss(margin) -> LossFn:
-  def loss(embeddings, labels, class_centers, bias, state, step):
-    del class_centers, bias, step
-    x = common.as_float32(embeddings)
-    value, metrics = triplet_lib.batch_hard_triplet_loss(x, labels, margin=margin)
-    metrics.update(_base_metrics(x))
+  def loss(inputs, state, step):
+    del step
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    state, quality, quality_metrics = _norm_quality(inputs, state, float(momentum), float(h))
+    logits, target = adaface_lib.adaface_logits_with_target(
+        cos_theta, inputs.block_labels, quality, scale=float(scale), m=float(m))
+    metrics = _cosine_metrics(inputs, cos_theta)
+    metrics.update(quality_metrics)
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
+                                      valid=inputs.valid, axis_name=inputs.axis_name)
     return value, state, metrics
   return loss
 
 
-def get_head(head_config) -> Head:
-  """Builds the head named `head_config.name` from `config.head` (configs/base.py).
+def _triplet_loss(margin) -> LossFn:
+  def loss(inputs, state, step):
+    del step
+    value, metrics = triplet_lib.batch_hard_triplet_loss(
+        inputs.embeddings, inputs.labels, margin=float(margin),
+        candidates=inputs.all_embeddings, candidate_labels=inputs.all_labels,
+        anchor_offset=inputs.batch_offset, axis_name=inputs.axis_name)
+    metrics.update(_base_metrics(inputs))
+    return value, state, metrics
+  return loss
 
-  Each head reads `head_config.scale` (where it has a scale) and its own sub-dict
-  `head_config.<name>`; NormFace has no sub-dict (only the scale).
-  """
+
+def _norm_stats_state(padded_classes: int, embedding_dim: int) -> Dict[str, Array]:
+  del padded_classes, embedding_dim
+  return adaface_lib.init_norm_stats()
+
+
+def _center_state(padded_classes: int, embedding_dim: int) -> Dict[str, Array]:
+  return {'centers': jnp.zeros((padded_classes, embedding_dim), jnp.float32)}
+
+
+# name -> (config.head -> Head). Each reads `head.scale` where it has a scale and its own
+# sub-dict `head.<name>` (configs/base.py), by keyword.
+HEADS: Dict[str, Callable[[Any], Head]] = {
+    'softmax': lambda c: Head(_softmax_loss(), uses_bias=True),
+    'normface': lambda c: Head(_margin_loss(c.scale)),
+    'cosface': lambda c: Head(_margin_loss(c.scale, m3=c.cosface.m)),
+    'arcface': lambda c: Head(_margin_loss(c.scale, m2=c.arcface.m,
+                                           easy_margin=c.arcface.easy_margin,
+                                           insightface_grad=c.arcface.insightface_grad)),
+    'combined': lambda c: Head(_margin_loss(c.scale, **c.combined)),
+    'sphereface': lambda c: Head(_sphereface_loss(**c.sphereface)),
+    'sface': lambda c: Head(_sface_loss(c.scale, **c.sface)),
+    'quality_sface': lambda c: Head(_sface_loss(c.scale, **c.quality_sface),
+                                    init_state=_norm_stats_state),
+    'adaface': lambda c: Head(_adaface_loss(c.scale, **c.adaface),
+                              init_state=_norm_stats_state),
+    'center': lambda c: Head(_softmax_loss(with_centers=True, **c.center), uses_bias=True,
+                             init_state=_center_state),
+    'triplet': lambda c: Head(_triplet_loss(**c.triplet), uses_classifier=False),
+}
+HEAD_NAMES = tuple(HEADS)
+
+
+def get_head(head_config) -> Head:
+  """Builds the head named `head_config.name` from `config.head` (configs/base.py)."""
   name = head_config.name
-  scale = float(head_config.scale)
-  if name == 'softmax':
-    return Head(name, True, True, _no_state, _softmax_loss())
-  if name == 'normface':
-    return Head(name, True, False, _no_state,
-                _margin_loss(scale, 1.0, 0.0, 0.0, False, False))
-  if name == 'cosface':
-    c = head_config.cosface
-    return Head(name, True, False, _no_state,
-                _margin_loss(scale, 1.0, 0.0, float(c.m), False, False))
-  if name == 'arcface':
-    c = head_config.arcface
-    return Head(name, True, False, _no_state,
-                _margin_loss(scale, 1.0, float(c.m), 0.0, bool(c.easy_margin),
-                             bool(c.insightface_grad)))
-  if name == 'combined':
-    c = head_config.combined
-    return Head(name, True, False, _no_state,
-                _margin_loss(scale, float(c.m1), float(c.m2), float(c.m3), False, False))
-  if name == 'sphereface':
-    c = head_config.sphereface
-    return Head(name, True, False, _no_state,
-                _sphereface_loss(int(c.m), float(c.base), float(c.gamma), float(c.power),
-                                 float(c.lambda_min)))
-  if name == 'sface':
-    c = head_config.sface
-    return Head(name, True, False, _no_state,
-                _sface_loss(scale, float(c.k), float(c.a), float(c.b)))
-  if name == 'quality_sface':
-    c = head_config.quality_sface
-    return Head(name, True, False, _norm_stats_state,
-                _sface_loss(scale, float(c.k), float(c.a), float(c.b), shift=float(c.shift),
-                            h=float(c.h), momentum=float(c.momentum)))
-  if name == 'adaface':
-    c = head_config.adaface
-    return Head(name, True, False, _norm_stats_state,
-                _adaface_loss(scale, float(c.m), float(c.h), float(c.momentum)))
-  if name == 'center':
-    c = head_config.center
-    return Head(name, True, True, _center_state,
-                _softmax_loss(with_centers=True, center_weight=float(c.weight),
-                              center_alpha=float(c.alpha)))
-  if name == 'triplet':
-    c = head_config.triplet
-    return Head(name, False, False, _no_state, _triplet_loss(float(c.margin)))
-  raise ValueError(f'config.head.name={name!r} is not a head; choose one of {HEAD_NAMES}')
+  if name not in HEADS:
+    raise ValueError(f'config.head.name={name!r} is not a head; choose one of {HEAD_NAMES}')
+  return dataclasses.replace(HEADS[name](head_config), name=name)

@@ -48,8 +48,8 @@ from sface_jax.heads import common
 Array = jax.Array
 
 
-def _gradient_matrices(cos_theta, labels, intra_center, scale, k, b):
-  """G_intra (target entries only) and G_inter (off-target only), each (B, C) float32."""
+def _gradient_matrices(cos_theta, labels, intra_center, valid, scale, k, b):
+  """G_intra (target entries only) and G_inter (off-target real classes), each (B, C)."""
   batch = cos_theta.shape[0]
   mask = common.target_mask(labels, cos_theta.shape[-1])
   theta = common.arccos(cos_theta)
@@ -57,30 +57,32 @@ def _gradient_matrices(cos_theta, labels, intra_center, scale, k, b):
   r_intra = jax.nn.sigmoid(k * (theta_target - intra_center))
   r_inter = jax.nn.sigmoid(-k * (theta - b))
   g_intra = jnp.where(mask, (-scale / batch) * r_intra[:, None], 0.0)
-  g_inter = jnp.where(mask, 0.0, (scale / batch) * r_inter)
+  g_inter = jnp.where(mask | ~valid, 0.0, (scale / batch) * r_inter)
   return mask, g_intra, g_inter
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _sface_terms(cos_theta, labels, intra_center, scale, k, b):
-  _, g_intra, g_inter = _gradient_matrices(cos_theta, labels, intra_center, scale, k, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sface_terms(cos_theta, labels, intra_center, valid, scale, k, b):
+  _, g_intra, g_inter = _gradient_matrices(cos_theta, labels, intra_center, valid, scale, k, b)
   return jnp.sum(g_intra * cos_theta), jnp.sum(g_inter * cos_theta)
 
 
-def _sface_terms_fwd(cos_theta, labels, intra_center, scale, k, b):
-  mask, g_intra, g_inter = _gradient_matrices(cos_theta, labels, intra_center, scale, k, b)
+def _sface_terms_fwd(cos_theta, labels, intra_center, valid, scale, k, b):
+  mask, g_intra, g_inter = _gradient_matrices(cos_theta, labels, intra_center, valid, scale,
+                                              k, b)
   gradient = g_intra + g_inter  # disjoint supports: one (B, C) residual, not two
   terms = (jnp.sum(g_intra * cos_theta), jnp.sum(g_inter * cos_theta))
-  return terms, (gradient, labels, intra_center)
+  return terms, (gradient, labels, intra_center, valid)
 
 
 def _sface_terms_bwd(scale, k, b, residuals, cotangents):
-  gradient, labels, intra_center = residuals
+  gradient, labels, intra_center, valid = residuals
   d_intra, d_inter = cotangents
   mask = common.target_mask(labels, gradient.shape[-1])
   d_cos = gradient * jnp.where(mask, d_intra, d_inter)
-  # Labels are integers (no cotangent); the sigmoid centre is a constant by definition.
-  return d_cos, None, jnp.zeros_like(intra_center)
+  # Labels and the validity mask are integers/bools (no cotangent); the sigmoid centre is a
+  # constant by definition.
+  return d_cos, None, jnp.zeros_like(intra_center), None
 
 
 _sface_terms.defvjp(_sface_terms_fwd, _sface_terms_bwd)
@@ -93,12 +95,16 @@ def quality_intra_center(quality: Array, *, a: float = 0.8, shift: float = 0.1) 
 
 def sface_loss_terms(cos_theta: Array, labels: Array, *, scale: float = 64.0,
                      k: float = 80.0, a: float = 0.8, b: float = 1.23,
-                     quality: Optional[Array] = None,
-                     shift: float = 0.0) -> Tuple[Array, Array]:
+                     quality: Optional[Array] = None, shift: float = 0.0,
+                     valid: Optional[Array] = None,
+                     axis_name: Optional[str] = None) -> Tuple[Array, Array]:
   """(intra, inter): the batch means of −r_intra·s·cos θ_y and Σ_{j≠y} r_inter·s·cos θ_j.
 
   Their sum is `sface_loss` (or `quality_sface_loss` when `quality` is given); each carries
   the custom gradient of its own part, so either can be logged or weighted separately.
+  On a block of the classes (`labels` block labels, `valid` its real columns), each block
+  sums its own part and `axis_name` adds the blocks (the inter-class sum runs over every
+  class of every device).
   """
   cos_theta = common.as_float32(cos_theta)
   labels = jnp.asarray(labels).astype(jnp.int32)
@@ -107,7 +113,11 @@ def sface_loss_terms(cos_theta: Array, labels: Array, *, scale: float = 64.0,
     intra_center = jnp.full((batch,), a, jnp.float32)
   else:
     intra_center = quality_intra_center(quality, a=a, shift=shift)
-  return _sface_terms(cos_theta, labels, intra_center, float(scale), float(k), float(b))
+  if valid is None:
+    valid = jnp.ones(cos_theta.shape[-1:], bool)
+  intra, inter = _sface_terms(cos_theta, labels, intra_center, valid, float(scale), float(k),
+                              float(b))
+  return common.device_sum(intra, axis_name), common.device_sum(inter, axis_name)
 
 
 def sface_loss(cos_theta: Array, labels: Array, *, scale: float = 64.0, k: float = 80.0,

@@ -14,7 +14,7 @@ a batch with no valid anchor gives loss 0 (and zero gradient), never NaN. Batche
 be sampled as P identities × K images for this loss to see positives.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,16 @@ from sface_jax.heads import common
 Array = jax.Array
 
 
-def batch_hard_triplet_loss(embeddings: Array, labels: Array, *,
-                            margin: float = 0.2) -> Tuple[Array, Dict[str, Array]]:
+def batch_hard_triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2,
+                            candidates: Optional[Array] = None,
+                            candidate_labels: Optional[Array] = None, anchor_offset=0,
+                            axis_name: Optional[str] = None) -> Tuple[Array, Dict[str, Array]]:
   """Returns (loss, metrics); metrics are float32 scalars without gradient.
+
+  The anchors are `embeddings`; their positives and negatives are mined among `candidates`
+  (default: the anchors themselves). When the batch is split over devices, each device's
+  anchors are its shard, the candidates the whole batch, `anchor_offset` the shard's first
+  row in it, and `axis_name` adds the devices' sums.
 
   metrics: `valid_fraction` (anchors with a positive and a negative), `active_fraction`
   (valid anchors with a non-zero loss), `positive_distance` / `negative_distance` (mean
@@ -35,12 +42,15 @@ def batch_hard_triplet_loss(embeddings: Array, labels: Array, *,
   """
   x = common.l2_normalize(common.as_float32(embeddings), axis=-1)
   labels = jnp.asarray(labels).astype(jnp.int32)
-  batch = x.shape[0]
-  # Every anchor is compared with the whole batch: the second operand is gathered in full.
-  everyone, everyone_labels = common.replicate(x), common.replicate(labels)
+  if candidates is None:
+    everyone, everyone_labels = x, labels
+  else:
+    everyone = common.l2_normalize(common.as_float32(candidates), axis=-1)
+    everyone_labels = jnp.asarray(candidate_labels).astype(jnp.int32)
   distances = 2.0 - 2.0 * jnp.dot(x, everyone.T, preferred_element_type=jnp.float32)
   same = labels[:, None] == everyone_labels[None, :]
-  not_self = ~jnp.eye(batch, dtype=bool)
+  rows = jnp.arange(x.shape[0])[:, None] + anchor_offset
+  not_self = rows != jnp.arange(everyone.shape[0])[None, :]
   positive_mask = same & not_self
   negative_mask = ~same
   # Squared distances of unit vectors lie in [0, 4]: −1 and 5 are safe finite sentinels.
@@ -48,15 +58,16 @@ def batch_hard_triplet_loss(embeddings: Array, labels: Array, *,
   hardest_negative = jnp.min(jnp.where(negative_mask, distances, 5.0), axis=-1)
   valid = jnp.any(positive_mask, axis=-1) & jnp.any(negative_mask, axis=-1)
   per_anchor = jax.nn.relu(hardest_positive - hardest_negative + margin)
-  num_valid = jnp.sum(valid.astype(jnp.float32))
+  total = lambda values: common.device_sum(jnp.sum(jnp.where(valid, values, 0.0)), axis_name)
+  num_valid = total(jnp.ones_like(per_anchor))
   denominator = jnp.maximum(num_valid, 1.0)
-  loss = jnp.sum(jnp.where(valid, per_anchor, 0.0)) / denominator
+  loss = total(per_anchor) / denominator
 
   def valid_mean(values):
-    return jax.lax.stop_gradient(jnp.sum(jnp.where(valid, values, 0.0)) / denominator)
+    return jax.lax.stop_gradient(total(values) / denominator)
 
   metrics = {
-      'valid_fraction': num_valid / batch,
+      'valid_fraction': num_valid / everyone.shape[0],
       'active_fraction': valid_mean((per_anchor > 0.0).astype(jnp.float32)),
       'positive_distance': valid_mean(hardest_positive),
       'negative_distance': valid_mean(hardest_negative),

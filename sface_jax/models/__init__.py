@@ -38,8 +38,7 @@ def get_model(name: str, *, embedding_dim: int = 512, dropout: float = 0.0,
 
   dtype: computation dtype, a jnp dtype or its name ('bfloat16' from a config);
   parameters stay float32 and the embedding comes out float32 whatever it is.
-  overrides: e.g. `stage_sizes=(1, 1, 1, 1)`, `stage_widths=(8, 16, 32, 64)`,
-  `axis_name='data'` (only under shard_map/pmap; see iresnet.batch_norm).
+  overrides: e.g. `stage_sizes=(1, 1, 1, 1)`, `stage_widths=(8, 16, 32, 64)`.
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; known: {", ".join(MODELS)}')

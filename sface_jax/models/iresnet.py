@@ -22,7 +22,7 @@ arcface_torch does under autocast), so the embedding and its norm are float32.
 """
 
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -56,8 +56,7 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, alpha * x)
 
 
-def batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str], name: str,
-               **kwargs) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str, **kwargs) -> nn.BatchNorm:
   """torch-equivalent BatchNorm (eps 1e-5, momentum 0.1 in torch's convention).
 
   Statistics are over the *global* batch when the batch is sharded. Under `jax.jit` with
@@ -66,15 +65,14 @@ def batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str], name: str,
   on several devices, so XLA's SPMD partitioner computes per-device partial sums and
   inserts an all-reduce. The statistics, the normalisation and the running averages are
   therefore those of the whole batch, with no code for it here (and `batch_stats` stay
-  replicated). Only under `shard_map`/`pmap`, where code sees the local shard, do you
-  need `axis_name` (the mapped axis) so that Flax does the `lax.pmean` itself.
+  replicated).
 
   Difference from torch, for training only: torch updates `running_var` with the unbiased
   batch variance (÷(n−1)), Flax with the biased one (÷n); at n = B·H·W this is ≤ 1/n.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                       epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-                      axis_name=axis_name, name=name, **kwargs)
+                      name=name, **kwargs)
 
 
 class EmbeddingBatchNorm(nn.Module):
@@ -88,13 +86,10 @@ class EmbeddingBatchNorm(nn.Module):
   through `stop_gradient`, so its gradient is zero and it never moves (our no-decay regex
   matches `scale`, so weight decay does not touch it either).
   """
-  axis_name: Optional[str] = None
-
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     features = x.shape[-1]
-    x = batch_norm(train, jnp.float32, self.axis_name, 'stats', use_scale=False,
-                   use_bias=False)(x)
+    x = batch_norm(train, jnp.float32, 'stats', use_scale=False, use_bias=False)(x)
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     return x * jax.lax.stop_gradient(scale) + bias
@@ -111,13 +106,12 @@ class IBasicBlock(nn.Module):
   width: int
   stride: int
   dtype: Dtype = jnp.float32
-  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_init)
-    norm = functools.partial(batch_norm, train, self.dtype, self.axis_name)
+    norm = functools.partial(batch_norm, train, self.dtype)
     y = norm('bn1')(x)
     y = conv(self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv1')(y)
     y = norm('bn2')(y)
@@ -145,7 +139,6 @@ class IResNet(nn.Module):
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  axis_name: Optional[str] = None  # only for shard_map/pmap; see `batch_norm`.
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Tuple[Array, Array]:
@@ -153,7 +146,7 @@ class IResNet(nn.Module):
       raise ValueError(f'stage_sizes {self.stage_sizes} and stage_widths '
                        f'{self.stage_widths} differ in length')
     check_images(images, 2 ** len(self.stage_sizes))
-    norm = functools.partial(batch_norm, train, self.dtype, self.axis_name)
+    norm = functools.partial(batch_norm, train, self.dtype)
     x = images.astype(self.dtype)
     x = nn.Conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
@@ -162,7 +155,7 @@ class IResNet(nn.Module):
     x = PReLU(self.dtype, name='prelu')(x)
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       for block in range(num_blocks):
-        x = IBasicBlock(width, 2 if block == 0 else 1, self.dtype, self.axis_name,
+        x = IBasicBlock(width, 2 if block == 0 else 1, self.dtype,
                         name=f'layer{stage + 1}_{block}')(x, train)
     x = norm('bn2')(x)
     # Flattened in (H, W, C) order; torch flattens (C, H, W): import_torch permutes fc.
@@ -170,7 +163,7 @@ class IResNet(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                  name='fc')(x)
-    x = EmbeddingBatchNorm(self.axis_name, name='features')(x, train)
+    x = EmbeddingBatchNorm(name='features')(x, train)
     return embedding_outputs(x)
 
 

@@ -18,17 +18,16 @@ the size of the final feature map (7×7 at 112×112, 4×4 at 64×64), so any squ
 with side divisible by 16 works. Same dtype policy and outputs as `iresnet.IResNet`.
 
 Grouped and depthwise convolutions on the CPU: XLA:CPU runs `feature_group_count`
-convolutions through a slow generic loop (a depthwise 3×3 on 16×28×28×256 takes 23× longer
-than the same arithmetic written as nine shifted multiply-adds, and its gradient 4×
-longer; the whole mbf at batch 16 took 1.07 s forward, 43 s forward+backward, against
-0.27 s and 2.3 s; measured 2026-11-23 on 2 busy cores). `grouped_conv='taps'` computes
-them as that sum of shifted slices, which XLA fuses; 'xla' uses
-`lax.conv_general_dilated` (cuDNN/TPU have fast depthwise kernels); 'auto' (default)
-picks 'taps' when tracing for the CPU backend. Same result, same parameters.
+convolutions through a slow generic loop, many times slower than the same arithmetic
+written as nine shifted multiply-adds (BENCHMARKS.md § Backbones has the figures).
+`grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses; 'xla'
+uses `lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto'
+(default) picks 'taps' only when tracing for the CPU backend, where it was measured to help.
+Same result, same parameters.
 """
 
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -116,7 +115,6 @@ class ConvBN(nn.Module):
   padding: Any = 'SAME'
   activation: bool = True
   dtype: Dtype = jnp.float32
-  axis_name: Optional[str] = None
   grouped_conv: str = 'auto'
 
   @nn.compact
@@ -135,7 +133,7 @@ class ConvBN(nn.Module):
     else:
       x = GroupedConv(self.features, self.kernel, self.stride, padding, self.groups,
                       self.grouped_conv, self.dtype, name='conv')(x)
-    x = batch_norm(train, self.dtype, self.axis_name, 'bn')(x)
+    x = batch_norm(train, self.dtype, 'bn')(x)
     if self.activation:
       x = PReLU(self.dtype, name='prelu')(x)
     return x
@@ -148,13 +146,11 @@ class DepthWise(nn.Module):
   stride: int = 1
   residual: bool = False
   dtype: Dtype = jnp.float32
-  axis_name: Optional[str] = None
   grouped_conv: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = functools.partial(ConvBN, dtype=self.dtype, axis_name=self.axis_name,
-                             grouped_conv=self.grouped_conv)
+    conv = functools.partial(ConvBN, dtype=self.dtype, grouped_conv=self.grouped_conv)
     y = conv(self.expanded, name='expand')(x, train)
     y = conv(self.expanded, 3, self.stride, groups=self.expanded, name='depthwise')(y, train)
     y = conv(self.features, activation=False, name='project')(y, train)
@@ -180,7 +176,6 @@ class MobileFaceNet(nn.Module):
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  axis_name: Optional[str] = None
   grouped_conv: str = 'auto'  # 'auto' | 'taps' | 'xla': see the module docstring.
 
   @nn.compact
@@ -191,10 +186,8 @@ class MobileFaceNet(nn.Module):
                        f'down/residual expansions, got {self.stage_sizes}, {self.stage_widths}, '
                        f'{self.down_expansions}, {self.residual_expansions}')
     check_images(images, 16)
-    conv = functools.partial(ConvBN, dtype=self.dtype, axis_name=self.axis_name,
-                             grouped_conv=self.grouped_conv)
-    block = functools.partial(DepthWise, dtype=self.dtype, axis_name=self.axis_name,
-                              grouped_conv=self.grouped_conv)
+    conv = functools.partial(ConvBN, dtype=self.dtype, grouped_conv=self.grouped_conv)
+    block = functools.partial(DepthWise, dtype=self.dtype, grouped_conv=self.grouped_conv)
     x = images.astype(self.dtype)
     x = conv(self.stage_widths[0], 3, 2, name='stem')(x, train)
     x = conv(self.stage_widths[0], 3, 1, groups=self.stem_groups, name='stem_dw')(x, train)
@@ -214,5 +207,5 @@ class MobileFaceNet(nn.Module):
     x = nn.Dense(self.embedding_dim, use_bias=False, dtype=jnp.float32,
                  param_dtype=jnp.float32, name='fc')(x)
     # arcface_torch's mbf ends in a plain (learnable) BatchNorm1d, unlike IResNet.
-    x = batch_norm(train, jnp.float32, self.axis_name, 'features')(x)
+    x = batch_norm(train, jnp.float32, 'features')(x)
     return embedding_outputs(x)

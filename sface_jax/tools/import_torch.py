@@ -5,15 +5,11 @@
 reads a PyTorch `state_dict` (what arcface_torch saves with
 `torch.save(backbone.module.state_dict(), 'model.pt')`; also accepted: its training
 checkpoints' `state_dict_backbone`, and a `module.` prefix on every key) for IResNet
-(r18 … r200) or MobileFaceNet (mbf), and writes
-
-  DIR/variables.msgpack   flax.serialization msgpack of {'params', 'batch_stats'}, float32
-  DIR/model.json          {"model", "embedding_dim", "image_size", "source", ...}
-
-`load_variables(DIR)` reads them back. One msgpack file (not an orbax checkpoint)
-because this is a frozen set of weights, not training state: no optimiser, no step, no
-async writer, readable with flax alone. DIR is written under a temporary name beside it
-and renamed when complete; DIR must not exist.
+(r18 … r200) or MobileFaceNet (mbf), and writes DIR as a work directory (`config.json` and
+one checkpoint holding the backbone's `params` and `batch_stats`, float32;
+`sface_jax.checkpoint.save_backbone`), so that everything that reads trained weights
+(`python -m sface_jax.evaluate --workdir DIR`, `checkpoint.load_for_inference`) reads it.
+DIR is written under a temporary name beside it and renamed when complete; it must not exist.
 
 Layout changes (the whole difficulty):
 - conv kernels: torch OIHW (O, I/groups, kh, kw) → Flax HWIO (kh, kw, I/groups, O);
@@ -34,24 +30,17 @@ does not run pickled code); `convert_state_dict` takes any mapping of arrays.
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import pathlib
-import shutil
-import tempfile
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import flax.serialization
+import ml_collections
 import numpy as np
 
+from sface_jax import checkpoint
 from sface_jax import models
 from sface_jax.models import iresnet
 from sface_jax.models import mobilefacenet
-
-VARIABLES_FILE = 'variables.msgpack'
-METADATA_FILE = 'model.json'
-
 
 class CheckpointError(ValueError):
   """The checkpoint does not fit the model: names each key and both shapes."""
@@ -255,32 +244,15 @@ def load_torch_checkpoint(path: str) -> Dict[str, Any]:
   return dict(state)
 
 
-def save_variables(variables: Mapping[str, Any], output: str,
-                   metadata: Mapping[str, Any]) -> None:
-  """Write DIR/variables.msgpack and DIR/model.json via a temporary directory + rename."""
-  output_path = pathlib.Path(output)
-  if output_path.exists():
-    raise FileExistsError(f'{output}: exists; choose a new output directory')
-  output_path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix=f'.{output_path.name}.tmp-', dir=output_path.parent)
-  try:
-    with open(os.path.join(temporary, VARIABLES_FILE), 'wb') as file:
-      file.write(flax.serialization.msgpack_serialize(dict(variables)))
-    with open(os.path.join(temporary, METADATA_FILE), 'w') as file:
-      json.dump(dict(metadata), file, indent=2)
-    os.rename(temporary, output_path)
-  except BaseException:
-    shutil.rmtree(temporary, ignore_errors=True)
-    raise
-
-
-def load_variables(directory: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """(variables, metadata) written by this tool; build the model from metadata."""
-  with open(os.path.join(directory, METADATA_FILE)) as file:
-    metadata = json.load(file)
-  with open(os.path.join(directory, VARIABLES_FILE), 'rb') as file:
-    variables = flax.serialization.msgpack_restore(file.read())
-  return variables, metadata
+def imported_config(model_name: str, *, embedding_dim: int, image_size: int,
+                    source: str) -> ml_collections.ConfigDict:
+  """The config of an imported work directory: what inference reads (model, input size)."""
+  return ml_collections.ConfigDict({
+      'source': source,
+      'model': {'name': model_name, 'embedding_dim': embedding_dim, 'dropout': 0.0,
+                'dtype': 'float32'},
+      'data': {'dir': '', 'image_size': image_size},
+      'eval': {'sets': (), 'batch_size': 256}})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -297,12 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   state_dict = load_torch_checkpoint(args.checkpoint)
   variables = convert_state_dict(state_dict, args.model, embedding_dim=args.embedding_dim,
                                  image_size=args.image_size, source=args.checkpoint)
-  metadata = {'model': args.model, 'embedding_dim': args.embedding_dim,
-              'image_size': args.image_size, 'source': os.path.abspath(args.checkpoint),
-              'format': 'flax.serialization msgpack of {"params", "batch_stats"}',
-              'input': 'RGB (B, H, W, 3), (x - 127.5) / 128'}
-  save_variables(variables, args.output, metadata)
-  print(f'wrote {args.output}/{VARIABLES_FILE} ({args.model}, {len(state_dict)} tensors)')
+  config = imported_config(args.model, embedding_dim=args.embedding_dim,
+                           image_size=args.image_size, source=os.path.abspath(args.checkpoint))
+  checkpoint.save_backbone(args.output, config, variables)
+  print(f'wrote {args.output} ({args.model}, {len(state_dict)} tensors): use it as a '
+        'work directory, e.g. python -m sface_jax.evaluate --workdir ' + args.output)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sface_jax.data import bin_sets
+from sface_jax.data import images as images_lib
+from sface_jax.data import pair_sets
 
 
 def encoded(value, size=(6, 5), fmt='JPEG', mode='RGB'):
@@ -40,15 +41,15 @@ PY2_NUMPY_BOOL_ARRAY = (
 
 
 def test_real_orl_val_bin(shared_data, tmp_path):
-  pairs = bin_sets.read_pairs(shared_data / 'orl' / 'insightface' / 'orl_val.bin')
+  pairs = pair_sets.read_pairs(shared_data / 'orl' / 'insightface' / 'orl_val.bin')
   assert pairs.name == 'orl_val'
   assert pairs.num_pairs == 900 and len(pairs.images) == 1800 and pairs.issame.sum() == 450
   assert pairs.issame.dtype == bool
-  assert all(bin_sets.image_format(im) == 'jpeg' for im in pairs.images)
-  faces = bin_sets.decode_images(pairs.images[:4], 112, name=pairs.name)
+  assert all(images_lib.image_format(im) == 'jpeg' for im in pairs.images)
+  faces = images_lib.decode_all(pairs.images[:4], 112, name=pairs.name)
   assert faces.shape == (4, 112, 112, 3) and faces.dtype == np.uint8
   assert np.array_equal(faces[..., 0], faces[..., 2])  # greyscale faces stored as RGB
-  again = bin_sets.read_pairs(bin_sets.write_npz(pairs, str(tmp_path / 'orl_val.npz')))
+  again = pair_sets.read_pairs(pair_sets.write_npz(pairs, str(tmp_path / 'orl_val.npz')))
   assert again.name == 'orl_val' and again.images == pairs.images
   assert np.array_equal(again.issame, pairs.issame)
 
@@ -61,7 +62,7 @@ def test_python3_pickles(tmp_path, protocol, issame):
   images = [encoded(i) for i in range(4)]
   path = tmp_path / 'x.bin'
   path.write_bytes(pickle.dumps((images, issame), protocol=protocol))
-  pairs = bin_sets.read_bin(path)
+  pairs = pair_sets.read_bin(path)
   assert pairs.images == images and pairs.issame.tolist() == [True, False]
 
 
@@ -71,7 +72,7 @@ def test_python2_pickle(tmp_path, issame):
   path = tmp_path / 'py2.bin'
   path.write_bytes(py2_pickle(images, issame))
   assert pickle.loads(path.read_bytes(), encoding='bytes')[0] == images  # the fixture is real
-  pairs = bin_sets.read_bin(path)
+  pairs = pair_sets.read_bin(path)
   assert pairs.images == images and pairs.issame.tolist() == [True, False]
 
 
@@ -94,12 +95,12 @@ def test_refuses_code_execution(tmp_path):
     for protocol in (0, 2, 5):
       path = tmp_path / 'evil.bin'
       path.write_bytes(pickle.dumps((payload, [True]), protocol=protocol))
-      with pytest.raises(bin_sets.PairSetError, match=r'evil\.bin: not a safe .*refused'):
-        bin_sets.read_bin(path)
+      with pytest.raises(pair_sets.PairSetError, match=r'evil\.bin: not a safe .*refused'):
+        pair_sets.read_bin(path)
   # protocol 0's INST opcode imports too
   path.write_bytes(b'(ios\nsystem\n(S"touch ' + str(marker).encode() + b'"\ntR.')
-  with pytest.raises(bin_sets.PairSetError, match=r'refused to import os\.system'):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match=r'refused to import os\.system'):
+    pair_sets.read_bin(path)
   assert not marker.exists()
 
 
@@ -108,60 +109,60 @@ def test_refuses_abuse_of_allowed_names(tmp_path):
   # _codecs.encode with another codec
   path.write_bytes(b'\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00hiX\x05\x00\x00\x00rot13'
                    b'\x86R]\x88a\x86.')
-  with pytest.raises(bin_sets.PairSetError, match='only'):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match='only'):
+    pair_sets.read_bin(path)
   # an object array (could hold anything) is refused at its dtype
   path.write_bytes(pickle.dumps(([b'a', b'b'], np.array([True], dtype=object)), protocol=2))
-  with pytest.raises(bin_sets.PairSetError, match=r"dtype 'O8?' refused"):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match=r"dtype 'O8?' refused"):
+    pair_sets.read_bin(path)
 
 
 def test_count_mismatch_and_bad_types(tmp_path):
   path = tmp_path / 'lfw.bin'
   path.write_bytes(pickle.dumps(([b'\xff\xd8\xff'] * 5, [True, False, True]), protocol=2))
-  with pytest.raises(bin_sets.PairSetError, match=r'lfw\.bin: 5 images for 3 pairs .* 6'):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match=r'lfw\.bin: 5 images for 3 pairs .* 6'):
+    pair_sets.read_bin(path)
   path.write_bytes(pickle.dumps(([b'a', 'b'], [True]), protocol=4))
-  with pytest.raises(bin_sets.PairSetError, match=r'lfw\.bin: image 1 is a str'):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match=r'lfw\.bin: image 1 is a str'):
+    pair_sets.read_bin(path)
   path.write_bytes(pickle.dumps(([b'a', b'b'], [2]), protocol=4))
-  with pytest.raises(bin_sets.PairSetError, match='other than True/False'):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match='other than True/False'):
+    pair_sets.read_bin(path)
   path.write_bytes(b'not a pickle')
-  with pytest.raises(bin_sets.PairSetError, match=r'lfw\.bin: not a safe'):
-    bin_sets.read_bin(path)
+  with pytest.raises(pair_sets.PairSetError, match=r'lfw\.bin: not a safe'):
+    pair_sets.read_bin(path)
 
 
 def test_npz_round_trip_and_checks(tmp_path):
   images = [encoded(i) for i in range(5)] + [b'']
-  pairs = bin_sets.PairSet('cfp_fp', images, np.array([True, False, True]))
+  pairs = pair_sets.PairSet('cfp_fp', images, np.array([True, False, True]))
   path = str(tmp_path / 'cfp_fp.npz')
-  assert bin_sets.write_npz(pairs, path) == path
+  assert pair_sets.write_npz(pairs, path) == path
   assert os.listdir(tmp_path) == ['cfp_fp.npz']  # no temporary left
   with np.load(path, allow_pickle=False) as z:
     assert z['offsets'].dtype == np.int64 and z['images'].dtype == np.uint8
-  again = bin_sets.read_pairs(path)
+  again = pair_sets.read_pairs(path)
   assert again.images == images and again.issame.tolist() == [True, False, True]
   np.savez(tmp_path / 'bad.npz', images=np.zeros(3, np.uint8), offsets=np.array([0, 1, 2, 3]),
            issame=np.array([True, False]))
-  with pytest.raises(bin_sets.PairSetError, match=r'bad\.npz: 3 images for 2 pairs'):
-    bin_sets.read_npz(tmp_path / 'bad.npz')
+  with pytest.raises(pair_sets.PairSetError, match=r'bad\.npz: 3 images for 2 pairs'):
+    pair_sets.read_npz(tmp_path / 'bad.npz')
   np.savez(tmp_path / 'obj.npz', images=np.array([b'x'], dtype=object),
            offsets=np.array([0, 1]), issame=np.array([True]))
-  with pytest.raises(bin_sets.PairSetError, match=r'obj\.npz: not a pair-set'):
-    bin_sets.read_npz(tmp_path / 'obj.npz')
-  with pytest.raises(bin_sets.PairSetError, match="unknown pair-set extension '.pkl'"):
-    bin_sets.read_pairs(tmp_path / 'x.pkl')
+  with pytest.raises(pair_sets.PairSetError, match=r'obj\.npz: not a pair-set'):
+    pair_sets.read_npz(tmp_path / 'obj.npz')
+  with pytest.raises(pair_sets.PairSetError, match="unknown pair-set extension '.pkl'"):
+    pair_sets.read_pairs(tmp_path / 'x.pkl')
 
 
 def test_decode_images():
   images = [encoded((200, 10, 30), size=(112, 112)), encoded(77, size=(92, 112), fmt='PNG',
                                                               mode='L')]
-  out = bin_sets.decode_images(images, 112)
+  out = images_lib.decode_all(images, 112)
   assert out.shape == (2, 112, 112, 3)
   assert np.abs(out[0].astype(int) - [200, 10, 30]).max() <= 3  # JPEG of a flat colour
   assert (out[1] == 77).all()  # greyscale -> 3 channels, resized from 92 wide
-  with pytest.raises(bin_sets.PairSetError, match=r'lfw: image 1: cannot decode'):
-    bin_sets.decode_images([images[0], b'\xff\xd8\xff garbage'], 112, name='lfw')
-  with pytest.raises(bin_sets.PairSetError, match=r'lfw: image 0: BMP image'):
-    bin_sets.decode_images([encoded(1, fmt='BMP')], 112, name='lfw')
+  with pytest.raises(images_lib.ImageError, match=r'lfw: image 1: cannot decode'):
+    images_lib.decode_all([images[0], b'\xff\xd8\xff garbage'], 112, name='lfw')
+  with pytest.raises(images_lib.ImageError, match=r'lfw: image 0: BMP image'):
+    images_lib.decode_all([encoded(1, fmt='BMP')], 112, name='lfw')

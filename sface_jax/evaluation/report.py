@@ -1,0 +1,63 @@
+"""Verification results for people: a table, `verification.json` and a ROC plot."""
+
+import json
+import os
+from collections.abc import Mapping
+
+from sface_jax import files
+from sface_jax.evaluation.verification import FAR_TARGETS, VerificationMetrics, far_key
+
+EVAL_SUBDIR = 'eval'
+
+
+def format_table(results: Mapping[str, VerificationMetrics]) -> str:
+  """One line per set: pairs, accuracy ± std (%), best threshold, XNorm, TAR@FAR (%)."""
+  far_columns = [f'TAR@FAR={far_key(far)}' for far in FAR_TARGETS]
+  header = (f'{"set":<12}{"pairs":>7}  {"accuracy (%)":<17}{"threshold":>9}{"XNorm":>9}'
+            + ''.join(f'{c:>16}' for c in far_columns))
+  lines = [header, '-' * len(header)]
+  for name, m in results.items():
+    accuracy = f'{100 * m.accuracy:.3f} ± {100 * m.accuracy_std:.3f}'
+    lines.append(f'{name:<12}{m.num_pairs:>7}  {accuracy:<17}{m.best_threshold:>9.3f}'
+                 f'{m.xnorm:>9.3f}'
+                 + ''.join(f'{100 * m.tar_at_far[far][0]:>16.3f}' for far in FAR_TARGETS))
+  return '\n'.join(lines)
+
+
+def plot_roc(results: Mapping[str, VerificationMetrics], path: str, title: str = '') -> None:
+  """ROC curves (TPR against log-scale FAR), one per set, as a PNG (Agg, no pyplot)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  figure = Figure(figsize=(6, 4.5), dpi=120)
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  for name, m in results.items():
+    keep = m.fpr > 0  # log scale: FAR = 0 has no place on it
+    axes.plot(m.fpr[keep], m.tpr[keep], label=f'{name} ({100 * m.accuracy:.2f}%)')
+  axes.set_xscale('log')
+  axes.set_xlim(1e-4, 1.0)
+  axes.set_ylim(0.0, 1.01)
+  axes.set_xlabel('false accept rate')
+  axes.set_ylabel('true accept rate')
+  axes.grid(True, which='both', alpha=0.3)
+  axes.legend(loc='lower right')
+  axes.set_title(title or 'verification ROC (test folds, mean over 10)')
+  figure.tight_layout()
+  with files.atomic_path(path) as tmp:
+    figure.savefig(tmp, format='png')
+
+
+def write_report(results: Mapping[str, VerificationMetrics], directory: str, *,
+                 step: int | None = None, source: str = '') -> dict[str, str]:
+  """Writes DIR/eval/verification.json and DIR/eval/roc.png; returns their paths."""
+  out_dir = os.path.join(directory, EVAL_SUBDIR)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {'json': os.path.join(out_dir, 'verification.json'),
+           'roc': os.path.join(out_dir, 'roc.png')}
+  report = {'step': step, 'source': source, 'far_targets': list(FAR_TARGETS),
+            'sets': {name: m.to_json() for name, m in results.items()}}
+  with files.atomic_write(paths['json']) as f:
+    json.dump(report, f, indent=1, allow_nan=False)
+  plot_roc(results, paths['roc'],
+           title='verification ROC' + (f' at step {step}' if step is not None else ''))
+  return paths

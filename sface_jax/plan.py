@@ -1,0 +1,232 @@
+"""Memory planner: what one device holds, and what a step sends, before renting the machines.
+
+  python -m sface_jax.plan --config configs/webface42m_r50_pfc.py --devices 64
+  python -m sface_jax.plan --config configs/ms1mv2_r50_arcface.py --num-classes 85742 \\
+      --devices 8 --batch-per-device 128 --sample-rate 0.1 --json
+
+It builds the real train step (`train.make_setup`, `train.train_step`, the shardings of
+`sharding.py`) for `--devices` devices, lowers and compiles it on abstract inputs (nothing is
+allocated; on a CPU the devices are forced host devices), and reads:
+
+- per device, from the shapes and shardings of the train state: the backbone's parameters
+  and batch statistics, the class centres (C'/n columns), and the optimiser state;
+- per device, from XLA's `memory_analysis()` of the compiled step: arguments, outputs and
+  temporaries (activations, gradients, the head's B × C'/n logits). Temporaries depend on the
+  backend's fusion decisions: a CPU compile approximates a GPU/TPU one (the same partitioning,
+  other kernels), good for orders of magnitude and for comparing layouts;
+- per step, from the compiled HLO: the bytes each collective (all-reduce, all-gather,
+  reduce-scatter, all-to-all, collective-permute) produces on one device.
+
+Options override the recipe (`--num-classes`, `--batch-per-device`, `--sample-rate`,
+`--model`, `--dtype`), so one recipe answers "what if"; `--json` prints one JSON object.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import sys
+import time
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2,
+                's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+_SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16)\[([0-9,]*)\]')
+_COLLECTIVE = re.compile(r'= (.*?) (' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape written in an HLO type (`f32[16,512]{1,0}` or a tuple)."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    count = 1
+    for dim in filter(None, dims.split(',')):
+      count *= int(dim)
+    total += count * _DTYPE_BYTES[dtype]
+  return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """{collective: bytes its results hold on one device}, summed over the compiled module.
+  An async pair (`-start`/`-done`) counts once, at its start."""
+  totals = {name: 0 for name in COLLECTIVES}
+  for result_type, op in _COLLECTIVE.findall(hlo_text):
+    totals[op] += shape_bytes(result_type)
+  return totals
+
+
+@dataclasses.dataclass
+class Plan:
+  model: str
+  head: str
+  num_classes: int
+  devices: int
+  batch_size: int  # global
+  sample_rate: float
+  classes_per_device: int
+  backbone_bytes: int  # parameters + batch statistics, replicated
+  class_center_bytes: int  # this device's columns
+  optimizer_bytes: int  # this device's optimiser state
+  argument_bytes: int  # from memory_analysis: the train state and the batch
+  output_bytes: int
+  temp_bytes: int
+  collective_bytes: dict
+  compile_seconds: float
+
+  @property
+  def peak_estimate_bytes(self) -> int:
+    """Arguments + temporaries: with the state donated, outputs reuse the arguments."""
+    return self.argument_bytes + self.temp_bytes
+
+
+def _shard_bytes(tree, shardings) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = 0
+  for leaf, leaf_sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shape = leaf_sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def make_plan(config, *, num_classes: int) -> Plan:
+  """Compiles the train step for every device jax sees and measures it (module docstring)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sface_jax import sharding, train  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh()
+  setup = train.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
+                           total_steps=10_000, mesh=mesh)
+  abstract_state = jax.eval_shape(functools.partial(train.create_train_state, config.seed, setup))
+  shardings = sharding.tree_shardings(mesh, abstract_state)
+  batch_sharding = sharding.batch_sharding(mesh)
+  size = config.data.image_size
+  batch = {
+      'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
+                                    sharding=batch_sharding),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding),
+  }
+  state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                       abstract_state, shardings)
+  step = jax.jit(functools.partial(train.train_step, setup=setup),
+                 in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  params = abstract_state.params
+  return Plan(
+      model=config.model.name, head=config.head.name, num_classes=num_classes,
+      devices=mesh.size, batch_size=config.batch_size, sample_rate=config.head.sample_rate,
+      classes_per_device=setup.padded_classes // mesh.size,
+      backbone_bytes=(_shard_bytes(params['backbone'], shardings.params['backbone'])
+                      + _shard_bytes(abstract_state.batch_stats, shardings.batch_stats)),
+      class_center_bytes=_shard_bytes(params['classifier'], shardings.params['classifier']),
+      optimizer_bytes=_shard_bytes(abstract_state.opt_state, shardings.opt_state),
+      argument_bytes=int(memory.argument_size_in_bytes),
+      output_bytes=int(memory.output_size_in_bytes),
+      temp_bytes=int(memory.temp_size_in_bytes),
+      collective_bytes=collective_bytes(compiled.as_text()),
+      compile_seconds=seconds)
+
+
+def _gb(value: int) -> str:
+  return f'{value / 1e9:.3g} GB' if value >= 1e8 else f'{value / 1e6:.3g} MB'
+
+
+def format_plan(plan: Plan) -> str:
+  rate = f', Partial FC {plan.sample_rate:g}' if plan.sample_rate < 1 else ''
+  lines = [
+      f'{plan.model} + {plan.head}, {plan.num_classes:,} classes on {plan.devices} devices '
+      f'({plan.classes_per_device:,} each{rate}), global batch {plan.batch_size} '
+      f'({plan.batch_size // plan.devices} per device); compiled in {plan.compile_seconds:.0f} s',
+      'per device:',
+      f'  backbone parameters + statistics  {_gb(plan.backbone_bytes)}',
+      f'  class centres                     {_gb(plan.class_center_bytes)}',
+      f'  optimiser state                   {_gb(plan.optimizer_bytes)}',
+      f'  step arguments (state + batch)    {_gb(plan.argument_bytes)}',
+      f'  step temporaries                  {_gb(plan.temp_bytes)}',
+      f'  estimated peak                    {_gb(plan.peak_estimate_bytes)}',
+      'collectives per step, per device:',
+  ]
+  lines += [f'  {name:<32s}  {_gb(value)}'
+            for name, value in plan.collective_bytes.items() if value]
+  return '\n'.join(lines)
+
+
+def _load_config(spec: str):
+  """`path/to/recipe.py[:variant]` → its get_config(variant), with `configs/` importable."""
+  path, _, variant = spec.partition(':')
+  path = os.path.abspath(path)
+  sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+  module = importlib.import_module(
+      f'{os.path.basename(os.path.dirname(path))}.{os.path.basename(path)[:-3]}')
+  return module.get_config(variant or None)
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(prog='python -m sface_jax.plan', description=(
+      "Per-device memory and per-step communication of a recipe's train step on N devices."))
+  parser.add_argument('--config', required=True, help='configs/<recipe>.py[:variant]')
+  parser.add_argument('--devices', type=int, required=True)
+  parser.add_argument('--num-classes', type=int, default=None,
+                      help="default: the recipe's config.data.num_classes")
+  parser.add_argument('--batch-per-device', type=int, default=None,
+                      help="default: the recipe's global batch / devices")
+  parser.add_argument('--sample-rate', type=float, default=None, help='Partial FC r')
+  parser.add_argument('--model', default=None)
+  parser.add_argument('--dtype', default=None, help='float32 | bfloat16')
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  if args.devices <= 0:
+    print(f'error: --devices={args.devices}', file=sys.stderr)
+    return 1
+  # Before jax creates its backend: on a CPU, one forced host device per planned device.
+  flags = os.environ.get('XLA_FLAGS', '')
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', flags)
+  os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={args.devices}'
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  config = _load_config(args.config)
+  num_classes = args.num_classes or config.data.num_classes
+  if num_classes <= 0:
+    print(f'error: {args.config} does not name its class count: pass --num-classes',
+          file=sys.stderr)
+    return 1
+  if args.batch_per_device:
+    config.batch_size = args.batch_per_device * args.devices
+  if args.sample_rate is not None:
+    config.head.sample_rate = args.sample_rate
+  if args.model:
+    config.model.name = args.model
+  if args.dtype:
+    config.model.dtype = args.dtype
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.device_count() != args.devices:
+    print(f'error: jax sees {jax.device_count()} {jax.default_backend()} devices, not '
+          f'{args.devices}: plan on a CPU (JAX_PLATFORMS=cpu) or on that many accelerators',
+          file=sys.stderr)
+    return 1
+  try:
+    plan = make_plan(config, num_classes=num_classes)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps({**dataclasses.asdict(plan),
+                      'peak_estimate_bytes': plan.peak_estimate_bytes}))
+  else:
+    print(format_plan(plan))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
