@@ -85,10 +85,11 @@ def random_variables(model, image_size: int, seed: int = 0):
   return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model, image_size))
 
 
-def jax_calls(name: str, batch: int, image_size: int, dtype: str,
-              device: str) -> Dict[str, Callable[[], None]]:
+def jax_calls(name: str, batch: int, image_size: int, dtype: str, device: str,
+              grouped_conv: str = 'auto') -> Dict[str, Callable[[], None]]:
   """{'forward': …, 'forward+backward': …}: one timed JAX call each."""
-  model = models.get_model(name, dtype=dtype)
+  overrides = {'grouped_conv': grouped_conv} if name == 'mbf' else {}
+  model = models.get_model(name, dtype=dtype, **overrides)
   target = jax.devices(device)[0]
   variables = jax.device_put(random_variables(model, image_size), target)
   images = jax.device_put(
@@ -155,6 +156,8 @@ def main() -> None:
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument('--grouped_conv', default='auto', choices=['auto', 'taps', 'xla'],
+                      help="mbf's depthwise convolutions (sface_jax/models/mobilefacenet.py)")
   args = parser.parse_args()
 
   with_torch = args.device == 'cpu' and not args.no_torch
@@ -173,7 +176,8 @@ def main() -> None:
                      + (' MFU |' if peak else ''),
                      '|---|---|---|---|---|' + ('---|' if peak else '')]
   for name in args.models.split(','):
-    jax_side = jax_calls(name, args.batch, args.image_size, args.dtype, args.device)
+    jax_side = jax_calls(name, args.batch, args.image_size, args.dtype, args.device,
+                         args.grouped_conv)
     torch_side = (torch_calls(name, args.batch, args.image_size, args.threads)
                   if with_torch else {})
     flops_per_image = 2 * models.dense_macs(models.get_model(name), args.image_size)

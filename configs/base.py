@@ -165,6 +165,18 @@ def epochs(steps: int, batch_size: int, dataset: str) -> float:
   return steps * batch_size / DATASETS[dataset]['num_images']
 
 
+def arcface_torch(config: ml_collections.ConfigDict) -> None:
+  """insightface arcface_torch's training settings (its configs/base.py and the MS1MV2 /
+  Glint360K recipes): global batch 1024 (128 × 8 GPUs), SGD lr 0.1, weight decay 1e-4 on every
+  parameter, 20 epochs, polynomial decay (power 2), mixed-precision backbone."""
+  config.model.dtype = 'bfloat16'
+  config.batch_size = 1024
+  config.num_epochs = 20.0
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.no_decay = ''
+  config.schedule.name = 'polynomial'
+
+
 def use_orl(config: ml_collections.ConfigDict) -> None:
   """Trains on ORL s1–s30, converted into `<workdir>/data` on first use; s31–s40 held out."""
   config.data.dir = ''

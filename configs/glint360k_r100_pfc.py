@@ -16,13 +16,8 @@ from configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'glint360k')
+  base.arcface_torch(config)
   config.model.name = 'r100'
-  config.model.dtype = 'bfloat16'
   config.head.name = 'cosface'
   config.head.cosface.m = 0.4
-  config.batch_size = 1024
-  config.num_epochs = 20.0
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.no_decay = ''
-  config.schedule.name = 'polynomial'
   return base.finish(config, variant)

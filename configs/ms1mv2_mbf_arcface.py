@@ -12,11 +12,7 @@ from configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'ms1mv2')
+  base.arcface_torch(config)
   config.model.name = 'mbf'
-  config.model.dtype = 'bfloat16'
-  config.batch_size = 1024
-  config.num_epochs = 40.0
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.no_decay = ''
-  config.schedule.name = 'polynomial'
+  config.num_epochs = 40.0  # the small model wants more than IR-50's 20
   return base.finish(config, variant)

@@ -15,10 +15,5 @@ from configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'ms1mv2')
-  config.model.dtype = 'bfloat16'
-  config.batch_size = 1024
-  config.num_epochs = 20.0
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.no_decay = ''  # arcface_torch decays every parameter
-  config.schedule.name = 'polynomial'
+  base.arcface_torch(config)
   return base.finish(config, variant)

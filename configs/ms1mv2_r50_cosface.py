@@ -13,11 +13,6 @@ from configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'ms1mv2')
-  config.model.dtype = 'bfloat16'
+  base.arcface_torch(config)
   config.head.name = 'cosface'
-  config.batch_size = 1024
-  config.num_epochs = 20.0
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.no_decay = ''
-  config.schedule.name = 'polynomial'
   return base.finish(config, variant)

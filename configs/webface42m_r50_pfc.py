@@ -17,14 +17,12 @@ from configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'webface42m')
-  config.model.dtype = 'bfloat16'
+  base.arcface_torch(config)
   config.head.name = 'cosface'
   config.head.cosface.m = 0.4
   config.head.sample_rate = 0.2
   config.batch_size = 4096
-  config.num_epochs = 20.0
-  config.schedule.name = 'polynomial'
+  config.optimizer.weight_decay = 5e-4
   config.schedule.learning_rate = 0.4
   config.schedule.warmup_epochs = 2.0
-  config.optimizer.no_decay = ''
   return base.finish(config, variant)

@@ -317,6 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if preempted:
         print(f'Stopped at step {step} on SIGTERM; rerun the same command to resume.')
         break
+      if eval_due or save_due:  # the next rate covers training steps only
+        clock.restart(step)
     if results and step == total_steps and jax.process_index() == 0:
       report.write_report(results, workdir, step=step)
       print(report.format_table(results))

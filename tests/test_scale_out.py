@@ -9,7 +9,6 @@ against float64 references in test_heads.py.
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -320,3 +319,45 @@ def test_more_devices_than_classes_fails():
 if __name__ == '__main__':
   sys.path.insert(0, str(REPO))
   print(json.dumps(CHECKS[sys.argv[1]]()))
+
+
+def test_planner_reports_the_split_layout():
+  """`python -m sface_jax.plan` on 8 forced devices: the centre bytes per device are
+  D × C/8 × 4, and the head's collectives are exactly the embedding and label all-gather
+  (B × D + B values) and the embedding-gradient reduce-scatter (B/8 × D)."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'sface_jax.plan', '--config', 'configs/base.py:runlocal',
+       '--devices', str(DEVICES), '--num-classes', '100000', '--sample-rate', '0.1', '--json'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  plan = json.loads(result.stdout.strip().splitlines()[-1])
+  batch, dim = 16, 32  # configs/base.py runlocal
+  assert plan['devices'] == DEVICES and plan['classes_per_device'] == 12_500
+  assert plan['class_center_bytes'] == dim * 12_500 * 4
+  assert plan['optimizer_bytes'] >= plan['class_center_bytes']  # + the backbone's momentum
+  assert plan['collective_bytes']['all-gather'] == batch * dim * 4 + batch * 4
+  assert plan['collective_bytes']['reduce-scatter'] == batch // DEVICES * dim * 4
+  assert plan['collective_bytes']['all-to-all'] == 0
+  assert plan['peak_estimate_bytes'] >= plan['argument_bytes'] > plan['class_center_bytes']
+
+
+def test_planner_rejects_a_layout_that_cannot_work():
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'sface_jax.plan', '--config', 'configs/base.py:runlocal',
+       '--devices', '8', '--num-classes', '5'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1 and 'fewer than the 8 devices' in result.stderr
+
+
+def test_hlo_byte_counting():
+  from sface_jax import plan  # pylint: disable=g-import-not-at-top
+  assert plan.shape_bytes('f32[16,512]{1,0}') == 16 * 512 * 4
+  assert plan.shape_bytes('(bf16[8]{0}, s32[2,3]{1,0}, f32[])') == 16 + 24 + 4
+  hlo = ('  %ag = f32[16,32]{1,0} all-gather(f32[2,32]{1,0} %x), dimensions={0}\n'
+         '  %ar = (f32[8]{0}, f32[4]{0}) all-reduce(%a, %b), to_apply=%sum\n'
+         '  %rs-start = f32[2,32]{1,0} reduce-scatter-start(f32[16,32]{1,0} %g)\n')
+  totals = plan.collective_bytes(hlo)
+  assert totals['all-gather'] == 2048 and totals['all-reduce'] == 48
+  assert totals['reduce-scatter'] == 256

@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any
 
+from sface_jax import files
+
 FORMAT = 'sface_jax.tfrecord/1'
 INFO_FILE = 'dataset_info.json'
 IMAGE_KEY = 'image/encoded'
@@ -84,10 +86,8 @@ class DatasetInfo:
 def write_info(info: DatasetInfo) -> str:
   """Writes `dataset_info.json` atomically (temporary name, then rename)."""
   path = os.path.join(info.directory, INFO_FILE)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with files.atomic_write(path) as f:
     json.dump(info.to_json(), f, indent=1)
-  os.replace(tmp, path)
   return path
 
 

@@ -19,7 +19,8 @@ with side divisible by 16 works. Same dtype policy and outputs as `iresnet.IResN
 
 Grouped and depthwise convolutions on the CPU: XLA:CPU runs `feature_group_count`
 convolutions through a slow generic loop, many times slower than the same arithmetic
-written as nine shifted multiply-adds (BENCHMARKS.md § Backbones has the figures).
+written as nine shifted multiply-adds (`python bench/backbone.py --models mbf
+--grouped_conv taps|xla` compares the two).
 `grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses; 'xla'
 uses `lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto'
 (default) picks 'taps' only when tracing for the CPU backend, where it was measured to help.
