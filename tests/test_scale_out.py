@@ -316,9 +316,6 @@ def test_more_devices_than_classes_fails():
     train.check_config(base.get_config('runlocal'), num_classes=5, num_devices=8)
 
 
-if __name__ == '__main__':
-  sys.path.insert(0, str(REPO))
-  print(json.dumps(CHECKS[sys.argv[1]]()))
 
 
 def test_planner_reports_the_split_layout():
@@ -361,3 +358,8 @@ def test_hlo_byte_counting():
   totals = plan.collective_bytes(hlo)
   assert totals['all-gather'] == 2048 and totals['all-reduce'] == 48
   assert totals['reduce-scatter'] == 256
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, str(REPO))
+  print(json.dumps(CHECKS[sys.argv[1]]()))

@@ -30,9 +30,9 @@ Resuming at `start_step` = k skips k·B examples of the stream (k·L per host wi
 whole epochs arithmetically, the rest of the current epoch by passing its serialised records
 through the shuffle buffer without parsing or decoding them, and then sees exactly the
 batches an uninterrupted run sees. That costs reading (not decoding) up to one epoch of
-records: bench/input_pipeline.py measured ~210 k skipped records/s on 2 shared CPU cores
-with the files in the page cache (~0.5 min for MS1MV2's 5.8 M images, against ~10 min to
-decode them); from cold storage the bound is reading those bytes once.
+records, far faster than decoding them (`bench/input_pipeline.py` measures the rate;
+BENCHMARKS.md § Input pipeline has the figures); from cold storage the bound is reading
+those bytes once.
 """
 
 import dataclasses

@@ -1,0 +1,320 @@
+"""Images/s of the whole training step, ours next to the same step in PyTorch, alternated.
+
+  python bench/train_step.py                                # CPU: r18, r50, mbf × arcface, sface
+  python bench/train_step.py --models r50 --heads arcface --batch 32 --windows 5
+  python bench/train_step.py --models r50 --breakdown       # where the time goes
+  python bench/train_step.py --models r50 --data DIR        # fed by the real tf.data pipeline
+  python bench/train_step.py --device gpu --dtype bfloat16 --batch 128,256 \\
+      --num-classes 85742 --profile /tmp/profile         # one GPU (see METHOD below)
+
+What is timed. Ours: `sface_jax.train.train_step` itself (backbone forward and backward,
+the sharded head on the device mesh, the optax SGD-momentum update with weight decay,
+donated state), built by `train.make_setup` from `configs/base.py` with the model, head,
+batch and class count of the row. PyTorch: the same architecture
+(tests/torch_reference.py, arcface_torch's definitions), an insightface-style head
+(arcface_torch's ArcFace: the margin applied to the target cosine without gradient;
+zhongyy/SFace's loss for SFace, its sigmoid weights without gradient), `F.cross_entropy`,
+and `torch.optim.SGD(momentum=0.9, weight_decay=5e-4)` over the backbone and the (C, D)
+centre matrix. Both see the same random images and labels.
+
+METHOD. Each side first runs `--warmup` windows (our first also compiles); then windows of
+`--steps` steps alternate, ours then PyTorch's, `--windows` times, so that both see the same
+background load; each window ends when the device is idle (`block_until_ready`,
+`torch.cuda.synchronize`). Reported: the median window, as images/s, and the ratio.
+Threads on the CPU: torch gets `set_num_threads(T)`, T = the CPUs this process may use; XLA
+sizes its pool from the same count. On a GPU the PyTorch side runs as arcface_torch does:
+`torch.autocast(bfloat16)` with the model in `channels_last`; its loss stays float32.
+
+`--breakdown` times the pieces of our step separately (backbone forward+backward alone; the
+head's loss and gradient on fixed embeddings; the optimiser update alone) next to the whole
+step, so a slow piece shows. `--data DIR` feeds our step from the real input pipeline
+(`sface_jax.data.pipeline` over converted TFRecords, e.g. `python -m sface_jax.tools.convert
+--input ../shared/data/orl/insightface --output /tmp/orl112`) and also times the pipeline
+alone, so a slow pipeline cannot hide. On a GPU, `--profile DIR` writes a JAX profiler trace
+of a few steps (TensorBoard's profile plugin reads it), MFU is model FLOPs (3 × 2 × dense
+MACs per image) over a measured bf16 matmul rate, and peak device memory is reported.
+"""
+
+import argparse
+import datetime
+import functools
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / 'tests'))  # torch_reference.py
+sys.path.insert(0, str(REPO_ROOT / 'bench'))  # backbone.py
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from backbone import measured_bf16_peak  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sface_jax import models, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+Window = Callable[[], None]  # runs `--steps` steps and waits for the device
+
+
+def median_seconds(windows: Dict[str, Window], warmup: int, repeats: int) -> Dict[str, float]:
+  """Median wall time of each window, the windows run in alternation (module docstring)."""
+  for window in windows.values():
+    for _ in range(warmup):
+      window()
+  times: Dict[str, List[float]] = {name: [] for name in windows}
+  for _ in range(repeats):
+    for name, window in windows.items():
+      start = time.perf_counter()
+      window()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def step_config(model: str, head: str, batch: int, dtype: str, image_size: int):
+  config = base.get_config()
+  config.model.name = model
+  config.model.dtype = dtype
+  config.head.name = head
+  config.batch_size = batch
+  config.data.image_size = image_size
+  return config
+
+
+def random_batch(batch: int, image_size: int, num_classes: int, seed: int = 1):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
+          'label': rng.integers(0, num_classes, batch).astype(np.int32)}
+
+
+class JaxStep:
+  """Our jitted train step on every device of `device`'s kind, with its state."""
+
+  def __init__(self, config, num_classes: int, device: str):
+    self.mesh = sharding.make_mesh(jax.devices(device))
+    self.setup = train.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
+                                  total_steps=1_000_000, mesh=self.mesh)
+    init = functools.partial(train.create_train_state, config.seed, self.setup)
+    self.state_shardings = sharding.tree_shardings(self.mesh, jax.eval_shape(init))
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.state = jax.jit(init, out_shardings=self.state_shardings)()
+    self.step = jax.jit(functools.partial(train.train_step, setup=self.setup),
+                        in_shardings=(self.state_shardings, self.batch_sharding),
+                        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                        donate_argnums=(0,))
+
+  def put(self, batch):
+    return jax.device_put(batch, self.batch_sharding)
+
+  def window(self, batches, steps: int) -> Window:
+    """`batches()` gives the next device batch (a fixed one, or the pipeline's next)."""
+    def run():
+      metrics = None
+      for _ in range(steps):
+        self.state, metrics = self.step(self.state, batches())
+      jax.block_until_ready((self.state, metrics))
+    return run
+
+  def pieces(self, batch, steps: int) -> Dict[str, Window]:
+    """The step's parts as separate jitted calls (`--breakdown`). They read `self.state` at
+    each call: the whole step, timed alongside, donates and replaces it."""
+    setup = self.setup
+
+    def backbone_loss(params, batch_stats, images):
+      (embeddings, _), _ = setup.model.apply({'params': params, 'batch_stats': batch_stats},
+                                             images, train=True, mutable=['batch_stats'])
+      return jnp.mean(embeddings.astype(jnp.float32) ** 2)
+
+    def head_loss(x, classifier, head_state, step):
+      loss, _, _ = setup.head_loss(x, batch['label'], classifier, head_state, step,
+                                   jax.random.key_data(jax.random.key(0)))
+      return loss
+
+    backbone = jax.jit(jax.grad(backbone_loss))
+    head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
+    update = jax.jit(lambda g, o, p: optax.apply_updates(p, setup.optimizer.update(g, o, p)[0]))
+    embed = jax.jit(lambda p, s, x: setup.model.apply({'params': p, 'batch_stats': s}, x,
+                                                      train=False)[0])
+    state = self.state
+    embeddings = embed(state.params['backbone'], state.batch_stats, batch['image'])
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+    calls = {
+        'backbone fwd+bwd': lambda s: backbone(s.params['backbone'], s.batch_stats,
+                                               batch['image']),
+        'head fwd+bwd': lambda s: head(embeddings, s.params['classifier'], s.head_state, s.step),
+        'optimiser update': lambda s: update(grads, s.opt_state, s.params),
+    }
+
+    def repeat(call):
+      def run():
+        out = None
+        for _ in range(steps):
+          out = call(self.state)
+        jax.block_until_ready(out)
+      return run
+
+    return {name: repeat(call) for name, call in calls.items()}
+
+
+def torch_window(model_name: str, head: str, batch, num_classes: int, steps: int,
+                 device: str, dtype: str, threads: int, embedding_dim: int = 512) -> Window:
+  """The same step in PyTorch (module docstring)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  target = torch.device('cuda' if device == 'gpu' else 'cpu')
+  image_size = batch['image'].shape[1]
+  model = torch_reference.build(model_name, image_size=image_size).to(target)
+  images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy()).to(target)
+  if device == 'gpu':
+    model = model.to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
+  labels = torch.from_numpy(batch['label'].astype(np.int64)).to(target)
+  centers = torch.nn.Parameter(0.01 * torch.randn(num_classes, embedding_dim, device=target))
+  optimizer = torch.optim.SGD([*model.parameters(), centers], lr=0.1, momentum=0.9,
+                              weight_decay=5e-4)
+  scale, margin, k, a, b = 64.0, 0.5, 80.0, 0.8, 1.23
+  autocast = torch.autocast(target.type, dtype=torch.bfloat16,
+                            enabled=device == 'gpu' and dtype == 'bfloat16')
+  rows = torch.arange(labels.shape[0], device=target)
+
+  def loss_of(cos_theta):
+    if head == 'arcface':  # arcface_torch: arccos, + m, cos on the target, without gradient
+      logits = cos_theta.clone()
+      with torch.no_grad():
+        target_logit = torch.cos(torch.acos(cos_theta[rows, labels].clamp(-1, 1)) + margin)
+      logits[rows, labels] = target_logit
+      return F.cross_entropy(scale * logits, labels)
+    # SFace (zhongyy/SFace): sigmoid weights of θ, without gradient.
+    target_cos = cos_theta[rows, labels]
+    with torch.no_grad():
+      theta = torch.acos(cos_theta.clamp(-1, 1))
+      weight_intra = torch.sigmoid(k * (theta[rows, labels] - a))
+      weight_inter = torch.sigmoid(-k * (theta - b))
+      weight_inter[rows, labels] = 0.0
+    intra = -(weight_intra * scale * target_cos).mean()
+    inter = (weight_inter * scale * cos_theta).sum(dim=1).mean()
+    return intra + inter
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+      embeddings = model(images)
+    cos_theta = F.linear(F.normalize(embeddings.float()), F.normalize(centers))
+    loss_of(cos_theta).backward()
+    optimizer.step()
+
+  def run():
+    for _ in range(steps):
+      step()
+    if device == 'gpu':
+      torch.cuda.synchronize()
+  return run
+
+
+def pipeline_batches(data_dir: str, runner: JaxStep, batch_size: int, image_size: int):
+  """`() -> device batch` from the real tf.data pipeline over `data_dir`, and the iterator."""
+  from sface_jax.data import pipeline, tfrecord  # pylint: disable=g-import-not-at-top
+  info = tfrecord.read_info(data_dir)
+  host_batches = pipeline.train_dataset(info, batch_size=batch_size, image_size=image_size,
+                                        seed=0, start_step=0, random_flip=True,
+                                        augmentation=pipeline.Augmentation(),
+                                        shuffle_buffer=1000, prefetch=2, host_split='records')
+  return (lambda: pipeline.global_batch(next(host_batches), runner.batch_sharding)), (
+      lambda: next(host_batches))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', default='r18,r50,mbf')
+  parser.add_argument('--heads', default='arcface,sface')
+  parser.add_argument('--batch', default='32', help='comma-separated global batch sizes')
+  parser.add_argument('--num-classes', type=int, default=10_000)
+  parser.add_argument('--image-size', type=int, default=112)
+  parser.add_argument('--steps', type=int, default=2, help='steps per timed window')
+  parser.add_argument('--windows', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument('--no-torch', action='store_true')
+  parser.add_argument('--breakdown', action='store_true')
+  parser.add_argument('--data', default='', help='converted TFRecords to feed the step from')
+  parser.add_argument('--profile', default='', help='write a JAX trace of a few steps here')
+  args = parser.parse_args()
+
+  print(f'date {datetime.date.today()}  host {platform.node()}  '
+        f'cpus {len(os.sched_getaffinity(0))}  jax {jax.__version__} '
+        f'({jax.device_count(args.device)} × {jax.devices(args.device)[0].device_kind})')
+  if not args.no_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    print(f'torch {torch.__version__}, torch.set_num_threads({args.threads})')
+  print(f'{args.num_classes} classes, {args.image_size}×{args.image_size}, {args.dtype}; '
+        f'median of {args.windows} windows of {args.steps} steps after {args.warmup} warm-up; '
+        f'load average {os.getloadavg()[0]:.1f}\n')
+  peak = measured_bf16_peak(args.device) if args.device == 'gpu' else None
+  header = '| model | head | batch | ours img/s | PyTorch img/s | ours / PyTorch |'
+  rule = '|---|---|---|---|---|---|'
+  if peak:
+    header, rule = header + ' MFU | peak memory |', rule + '---|---|'
+  rows = [header, rule]
+  for model_name in args.models.split(','):
+    flops = 3 * 2 * models.dense_macs(models.get_model(model_name), args.image_size)
+    for head in args.heads.split(','):
+      for batch_size in (int(b) for b in args.batch.split(',')):
+        config = step_config(model_name, head, batch_size, args.dtype, args.image_size)
+        runner = JaxStep(config, args.num_classes, args.device)
+        batch = random_batch(batch_size, args.image_size, args.num_classes)
+        device_batch = runner.put(batch)
+        windows = {'ours': runner.window(lambda: device_batch, args.steps)}
+        if not args.no_torch:
+          windows['torch'] = torch_window(model_name, head, batch, args.num_classes, args.steps,
+                                          args.device, args.dtype, args.threads)
+        seconds = median_seconds(windows, args.warmup, args.windows)
+        ours = batch_size * args.steps / seconds['ours']
+        theirs = batch_size * args.steps / seconds['torch'] if 'torch' in seconds else None
+        row = (f'| {model_name} | {head} | {batch_size} | {ours:.1f} | '
+               + ('— | — |' if theirs is None else f'{theirs:.1f} | {ours / theirs:.2f} |'))
+        if peak:
+          memory = jax.devices(args.device)[0].memory_stats() or {}
+          row += (f' {100 * flops * ours / peak / runner.mesh.size:.1f}% | '
+                  f'{memory.get("peak_bytes_in_use", 0) / 2**30:.1f} GiB |')
+        rows.append(row)
+        print(row, f'  (load average {os.getloadavg()[0]:.1f})', flush=True)
+        if args.breakdown:
+          parts = median_seconds({'whole step': windows['ours'],
+                                  **runner.pieces(device_batch, args.steps)},
+                                 args.warmup, args.windows)
+          for name, value in parts.items():
+            print(f'    {name:<18s} {1e3 * value / args.steps:8.1f} ms/step '
+                  f'({100 * value / parts["whole step"]:.0f}% of the step)')
+        if args.data:
+          from_pipeline, host_next = pipeline_batches(args.data, runner, batch_size,
+                                                      args.image_size)
+          fed = median_seconds({'pipeline alone': lambda: [host_next()
+                                                           for _ in range(args.steps)],
+                                'step fed by it': runner.window(from_pipeline, args.steps),
+                                'step, fixed batch': windows['ours']},
+                               args.warmup, args.windows)
+          for name, value in fed.items():
+            print(f'    {name:<18s} {batch_size * args.steps / value:8.1f} img/s')
+        if args.profile:
+          with jax.profiler.trace(args.profile):
+            runner.window(lambda: device_batch, args.steps)()
+          print(f'    trace written to {args.profile}')
+        del runner
+  print()
+  print('\n'.join(rows))
+
+
+if __name__ == '__main__':
+  main()
