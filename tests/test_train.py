@@ -1,4 +1,5 @@
-"""Training end to end, through the real command line, on a tiny synthetic dataset.
+"""Training end to end, through the real command line, on a tiny synthetic dataset (the
+multi-host test on the real ORL faces of ../shared/data).
 
 Each run is a subprocess (`python -m sface_jax.main`), as a user runs it; the multi-device
 run sets XLA_FLAGS before jax is imported there.
@@ -175,9 +176,23 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
   assert logged == pytest.approx(expected['cosface'], abs=1e-3)
 
 
-def test_two_hosts_equal_one_host(dataset, tmp_path):
-  """2 processes × 4 CPU devices (gloo collectives) train exactly as 1 process × 8 devices:
-  with host_split='records' the global batches do not depend on the number of hosts."""
+@pytest.fixture(scope='module')
+def orl_dataset(shared_data, tmp_path_factory) -> str:
+  """The real ORL faces of ../shared/data at 32×32 in 4 shards: people s1–s30 to train on,
+  s31–s40 as the pair set 'val' (the name the TINY overrides evaluate)."""
+  from sface_jax.data import convert  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp('orl'))
+  convert.convert(str(shared_data / 'orl' / 'faces'), directory, num_shards=4, image_size=32,
+                  identities='s1..s30', verification_identities='s31..s40',
+                  verification_name='val', file_pattern='*.pgm', log=lambda message: None)
+  return directory
+
+
+def test_two_hosts_equal_one_host(orl_dataset, tmp_path):
+  """2 processes × 4 CPU devices (gloo collectives) train on the real ORL faces exactly as
+  1 process × 8 devices: with host_split='records' the global batches do not depend on the
+  number of hosts."""
+  dataset = orl_dataset
   overrides = ('--config.num_steps=3', '--config.checkpoint_every_steps=3')
   single = _run(tmp_path / 'one', dataset, *overrides, devices=8)
   with socket.socket() as probe:  # a free port for the coordinator
