@@ -7,7 +7,7 @@ transfers overlap compute while memory stays bounded.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -114,3 +114,63 @@ def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, ima
   if not return_norms:
     return np.concatenate(summed)
   return np.concatenate(summed), np.concatenate(norms)
+
+
+@functools.partial(jax.jit, static_argnames=('target', 'out_sharding'))
+def _embed_batch_unflipped(target, variables, images, out_sharding=None):
+  """The raw embedding of each image of one padded batch (no flip)."""
+  if images.dtype == jnp.uint8:
+    images = images_lib.normalize(images.astype(jnp.float32))
+  embeddings = _apply(target, variables, images)
+  if out_sharding is not None:
+    embeddings = jax.lax.with_sharding_constraint(embeddings, out_sharding)
+  return embeddings
+
+
+def embed_batches(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any,
+                  batches: Iterable[np.ndarray], *, batch_size: int,
+                  mesh: Mesh | None = None, flip: bool = True) -> Iterator[np.ndarray]:
+  """`embed` for a stream of batches too large to hold at once (a folder of a million faces).
+
+  Each batch from `batches` ((b, S, S, 3) uint8, or float already normalised, b ≤
+  `batch_size`, the same S throughout) is padded to `batch_size` rounded up to a multiple of
+  the mesh's device count, so one compiled shape serves all of them, and split over `mesh`
+  like `embed` splits its batches. With `flip`, an image's embedding is `embed`'s
+  embed(x) + embed(flip(x)) (the same jitted function); without, the raw embed(x). Yields
+  float32 (b, D) per batch, in order, while up to two more batches are in flight, so the
+  caller can decode the next batch while the devices work.
+  """
+  num_shards = 1 if mesh is None else mesh.devices.size
+  step = -(-batch_size // num_shards) * num_shards
+  if mesh is not None:
+    in_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    out_sharding = NamedSharding(mesh, P())
+    variables = _on_mesh(variables, mesh)
+  else:
+    out_sharding = None
+  pending = []
+
+  def fetch():
+    outputs, count = pending.pop(0)
+    embeddings = outputs[0] if flip else outputs
+    return np.asarray(embeddings)[:count]
+
+  for batch in batches:
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+      raise ValueError(f'images must be (N, H, W, 3); got {batch.shape}')
+    count = batch.shape[0]
+    if not 0 < count <= step:
+      raise ValueError(f'a batch of {count} images; expected 1 to {step}')
+    if batch.dtype != np.uint8:
+      batch = batch.astype(np.float32)
+    if count < step:
+      batch = np.concatenate([batch, np.zeros((step - count,) + batch.shape[1:], batch.dtype)])
+    if mesh is not None:
+      batch = jax.make_array_from_callback(batch.shape, in_sharding, batch.__getitem__)
+    fn = _embed_batch if flip else _embed_batch_unflipped
+    pending.append((fn(apply_fn_or_model, variables, batch, out_sharding=out_sharding), count))
+    if len(pending) > 2:
+      yield fetch()
+  while pending:
+    yield fetch()
