@@ -23,7 +23,6 @@ devices share this machine's cores, so times compare layouts, not hardware.
 
 import argparse
 import datetime
-import functools
 import os
 import pathlib
 import platform

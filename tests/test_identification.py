@@ -14,13 +14,13 @@ The 8-device check runs this file as a script in a subprocess with 8 forced CPU 
 
 import json
 import math
-import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+import multi_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 K = 5
@@ -267,11 +267,7 @@ def test_eight_devices_equal_one(orl, tmp_path):
   path = tmp_path / 'orl.npz'
   np.savez(path, gallery=embeddings[gallery_idx], gallery_labels=labels[gallery_idx],
            probes=embeddings[probe_idx], probe_labels=labels[probe_idx])
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  done = subprocess.run([sys.executable, __file__, str(path)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
-  assert done.returncode == 0, done.stderr[-4000:]
+  done = multi_device.run_python(__file__, str(path))
   out = json.loads(done.stdout.strip().splitlines()[-1])
   one = out['one/32768']
   # 30 rows on 8 devices: 4 per device, 32 with the padding; each device holds only its block.

@@ -4,16 +4,15 @@ Full-size models are only traced (jax.eval_shape / cost analysis of a compiled f
 pass, no weights allocated); anything that runs uses the `tiny` preset at 32–64 px.
 """
 
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import multi_device
 
 from sface_jax import models
 
@@ -278,9 +277,5 @@ SHARDED_BN = textwrap.dedent('''
 
 
 def test_batch_norm_statistics_are_global_when_batch_is_sharded():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run([sys.executable, '-c', SHARDED_BN], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = multi_device.run_python('-c', SHARDED_BN)
   assert result.stdout.strip().endswith('ok')

@@ -80,40 +80,17 @@ def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, ima
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be (N, H, W, 3); got {images.shape}')
-  if images.dtype != np.uint8:
-    images = images.astype(np.float32)
   num_images = images.shape[0]
   if num_images == 0:
     raise ValueError('no images to embed')
-  num_shards = 1 if mesh is None else mesh.devices.size
-  step = -(-min(batch_size, num_images) // num_shards) * num_shards
-  if mesh is not None:
-    in_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    out_sharding = NamedSharding(mesh, P())
-    variables = _on_mesh(variables, mesh)
-  else:
-    out_sharding = None
-  pending, summed, norms = [], [], []
-  def fetch():
-    (batch_summed, batch_norms), count = pending.pop(0)
-    summed.append(np.asarray(batch_summed)[:count])  # the padding is dropped here
-    norms.append(np.asarray(batch_norms)[:count])
-  for start in range(0, num_images, step):
-    batch = images[start:start + step]
-    count = batch.shape[0]
-    if count < step:
-      batch = np.concatenate([batch, np.zeros((step - count,) + batch.shape[1:], batch.dtype)])
-    if mesh is not None:
-      batch = jax.make_array_from_callback(batch.shape, in_sharding, batch.__getitem__)
-    pending.append((_embed_batch(apply_fn_or_model, variables, batch,
-                                 out_sharding=out_sharding), count))
-    if len(pending) > 2:  # a few batches in flight: transfers overlap compute, memory bounded
-      fetch()
-  while pending:
-    fetch()
+  step = _padded_batch_size(min(batch_size, num_images), mesh)
+  outputs = list(_embed_stream(apply_fn_or_model, variables,
+                               (images[start:start + step] for start in range(0, num_images, step)),
+                               batch_size=step, mesh=mesh, flip=True))
+  summed = np.concatenate([batch_summed for batch_summed, _ in outputs])
   if not return_norms:
-    return np.concatenate(summed)
-  return np.concatenate(summed), np.concatenate(norms)
+    return summed
+  return summed, np.concatenate([batch_norms for _, batch_norms in outputs])
 
 
 @functools.partial(jax.jit, static_argnames=('target', 'out_sharding'))
@@ -140,20 +117,36 @@ def embed_batches(apply_fn_or_model: nn.Module | Callable[..., Any], variables: 
   float32 (b, D) per batch, in order, while up to two more batches are in flight, so the
   caller can decode the next batch while the devices work.
   """
+  for embeddings in _embed_stream(apply_fn_or_model, variables, batches, batch_size=batch_size,
+                                  mesh=mesh, flip=flip):
+    yield embeddings[0] if flip else embeddings
+
+
+def _padded_batch_size(batch_size: int, mesh: Mesh | None) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's device count."""
   num_shards = 1 if mesh is None else mesh.devices.size
-  step = -(-batch_size // num_shards) * num_shards
+  return -(-batch_size // num_shards) * num_shards
+
+
+def _embed_stream(apply_fn_or_model, variables, batches: Iterable[np.ndarray], *,
+                  batch_size: int, mesh: Mesh | None, flip: bool) -> Iterator[Any]:
+  """The one batching loop of `embed` and `embed_batches`: pads each batch to one compiled
+  shape, splits it over `mesh`, keeps up to two more in flight, and yields each batch's
+  outputs as NumPy with the padding dropped: (flip-summed embeddings, norms) with `flip`,
+  else the raw embeddings."""
+  step = _padded_batch_size(batch_size, mesh)
   if mesh is not None:
     in_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    out_sharding = NamedSharding(mesh, P())
+    out_sharding = NamedSharding(mesh, P())  # every process gets the whole batch back
     variables = _on_mesh(variables, mesh)
   else:
     out_sharding = None
+  embed_fn = _embed_batch if flip else _embed_batch_unflipped
   pending = []
 
   def fetch():
     outputs, count = pending.pop(0)
-    embeddings = outputs[0] if flip else outputs
-    return np.asarray(embeddings)[:count]
+    return jax.tree.map(lambda x: np.asarray(x)[:count], outputs)
 
   for batch in batches:
     batch = np.asarray(batch)
@@ -168,9 +161,9 @@ def embed_batches(apply_fn_or_model: nn.Module | Callable[..., Any], variables: 
       batch = np.concatenate([batch, np.zeros((step - count,) + batch.shape[1:], batch.dtype)])
     if mesh is not None:
       batch = jax.make_array_from_callback(batch.shape, in_sharding, batch.__getitem__)
-    fn = _embed_batch if flip else _embed_batch_unflipped
-    pending.append((fn(apply_fn_or_model, variables, batch, out_sharding=out_sharding), count))
-    if len(pending) > 2:
+    pending.append((embed_fn(apply_fn_or_model, variables, batch, out_sharding=out_sharding),
+                    count))
+    if len(pending) > 2:  # a few batches in flight: transfers overlap compute, memory bounded
       yield fetch()
   while pending:
     yield fetch()
