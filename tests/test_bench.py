@@ -1,0 +1,33 @@
+"""bench/train_step.py runs end to end (a smoke test: it times nothing and asserts no speed).
+
+The benchmark's paths that only a GPU session exercises in earnest (the breakdown, feeding
+from the real pipeline, the PyTorch side) are run here on the tiny model so they cannot rot
+between GPU sessions.
+"""
+
+import importlib.util
+
+import multi_device
+import synthetic_faces
+
+
+def test_train_step_benchmark_runs(tmp_path):
+  data = tmp_path / 'data'
+  synthetic_faces.write_dataset(str(data))
+  args = ['bench/train_step.py', '--models', 'tiny', '--heads', 'sface', '--batch', '8',
+          '--num-classes', '16', '--image-size', '32', '--steps', '1', '--windows', '1',
+          '--breakdown', '--data', str(data)]
+  with_torch = importlib.util.find_spec('torch') is not None
+  if not with_torch:
+    args.append('--no-torch')
+  out = multi_device.run_python(*args, devices=1).stdout
+  rows = [line for line in out.splitlines() if line.startswith('| tiny |')]
+  assert len(rows) == 2, out  # printed as measured, and again in the closing table
+  for row in rows:
+    cells = [cell.strip() for cell in row.strip('|').split('|')]
+    assert float(cells[3]) > 0  # ours, img/s
+    if with_torch:
+      assert float(cells[4]) > 0 and float(cells[5]) > 0  # PyTorch's, and the ratio
+  for piece in ('backbone fwd+bwd', 'head fwd+bwd', 'optimiser update', 'pipeline alone',
+                'step fed by it'):
+    assert piece in out, out
