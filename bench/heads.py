@@ -7,9 +7,13 @@ What is timed: `jax.jit(jax.value_and_grad(loss))` with respect to the (B, C) co
 the part that differs between heads. The backbone and the (B, D) × (D, C) product that makes
 the cosines are the same for every head and are left out. Per-sample vectors a head needs
 besides the cosines (SphereFace's ‖x‖, AdaFace's and quality-SFace's ẑ) are inputs held
-constant. Two heads do not take cosines: center loss is timed on the raw logits plus the (B, D)
-embeddings, its running-centre update of the (C, D) centres included; triplet on the (B, D)
-embeddings alone (its cost does not depend on C). The baseline, "softmax CE", is
+constant; MagFace's ‖x‖ is an input too, differentiated (its margin and regulariser depend on
+it), CurricularFace's t a constant, ElasticFace's margins drawn inside the timed function from
+a fixed key (the draw, and for ElasticFace+ the sort, included). Three heads do not take
+cosines: center loss is timed on the raw logits plus the (B, D) embeddings, its running-centre
+update of the (C, D) centres included; triplet on the (B, D) embeddings alone (its cost does
+not depend on C); L-Softmax on the raw (B, D) embeddings and (D, C) centres, since its logits
+are W_jᵀx, so its row includes the (B, D) × (D, C) product the other rows leave out. The baseline, "softmax CE", is
 `cross_entropy(s·cos θ)` on the same cosines in the same run; `optax CE` is optax's
 `softmax_cross_entropy_with_integer_labels` on the same logits, as a check on ours.
 
@@ -74,6 +78,11 @@ def benchmark_cases(batch, num_classes, dim, scale, seed=0):
     logits, target = logits_and_target
     return ce(logits, labels, target_logits=target)
 
+  def elastic(c, m=0.5, plus=False):
+    cos_target = jnp.take_along_axis(c, labels[:, None], axis=1)[:, 0]
+    return heads.elastic_margins(jax.random.key(1), cos_target, batch, m=m, std=0.05,
+                                 plus=plus)
+
   def arc(**kwargs):
     return lambda c: margin_ce(heads.margin_logits_with_target(c, labels, scale=scale,
                                                                **kwargs))
@@ -92,10 +101,36 @@ def benchmark_cases(batch, num_classes, dim, scale, seed=0):
           heads.sphereface_logits_with_target(c, norms, labels, m=4, lambda_=5.0))), (cos,)),
       'adaface': ('cos', grad_cos(lambda c: margin_ce(
           heads.adaface_logits_with_target(c, labels, quality, scale=scale, m=0.4))), (cos,)),
+      'adaface (official_clamp=False)': ('cos', grad_cos(lambda c: margin_ce(
+          heads.adaface_logits_with_target(c, labels, quality, scale=scale, m=0.4,
+                                           official_clamp=False))), (cos,)),
+      'curricularface (t=0.3)': ('cos', grad_cos(lambda c: margin_ce(
+          heads.curricular_logits_with_target(c, labels, 0.3, scale=scale, m=0.5))), (cos,)),
+      'elasticface_arc': ('cos', grad_cos(lambda c: margin_ce(
+          heads.elastic_logits_with_target(c, labels, elastic(c), scale=scale))), (cos,)),
+      'elasticface_arc+ (plus)': ('cos', grad_cos(lambda c: margin_ce(
+          heads.elastic_logits_with_target(c, labels, elastic(c, plus=True), scale=scale))),
+                                  (cos,)),
+      'elasticface_cos': ('cos', grad_cos(lambda c: margin_ce(
+          heads.elastic_logits_with_target(c, labels, elastic(c, m=0.35), scale=scale,
+                                           variant='cos'))), (cos,)),
       'sface': ('cos', grad_cos(lambda c: heads.sface_loss(c, labels, scale=scale)), (cos,)),
       'quality_sface': ('cos', grad_cos(lambda c: heads.quality_sface_loss(
           c, labels, quality, scale=scale, shift=0.1)), (cos,)),
   }
+
+  def magface(c, n):
+    logits, target = heads.magface_logits_with_target(c, labels, n, scale=scale)
+    a = jnp.clip(n, 10.0, 110.0)
+    return margin_ce((logits, target)) + 35.0 * jnp.mean(a / 110.0 ** 2 + 1.0 / a)
+
+  cases['magface'] = ('cos, ‖x‖', jax.jit(jax.value_and_grad(magface, argnums=(0, 1))),
+                      (cos, norms))
+  lsoftmax_centers = jnp.asarray(rng.normal(size=(dim, num_classes)), jnp.float32)
+  cases['lsoftmax (m=4, λ=0)'] = ('x, W', jax.jit(jax.value_and_grad(
+      lambda x, w: margin_ce(heads.lsoftmax_logits_with_target(x, w, labels, m=4,
+                                                               lambda_=0.0)),
+      argnums=(0, 1))), (embeddings, lsoftmax_centers))
 
   def center(logits, x, centers_):
     value = ce(logits, labels) + 0.005 * heads.center_loss(x, labels, centers_)

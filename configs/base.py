@@ -106,9 +106,24 @@ def defaults() -> ml_collections.ConfigDict:
   config.head.cosface = dict(m=0.35)
   config.head.combined = dict(m1=1.0, m2=0.3, m3=0.2)
   config.head.sphereface = dict(m=4, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0)
+  # L-Softmax (Liu et al. 2016): unnormalised W and x, SphereFace's ψ and λ annealing; the
+  # official MNIST example's schedule (wy1iu/LargeMargin_Softmax_Loss). No scale, no bias.
+  config.head.lsoftmax = dict(m=4, base=1000.0, gamma=2.5e-5, power=35.0, lambda_min=0.0)
+  # CurricularFace (Huang et al. 2020): ArcFace margin m; t's moving-average rate.
+  config.head.curricularface = dict(m=0.5, momentum=0.01)
+  # MagFace (Meng et al. 2021), the official run.sh: magnitude range [l_a, u_a], margin range
+  # [l_margin, u_margin], regulariser weight λ_g; easy_margin as the official MagLinear.
+  config.head.magface = dict(l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8, lambda_g=35.0,
+                             easy_margin=True)
+  # ElasticFace (Boutros et al. 2022): margin ~ N(m, std²) per sample and step; `plus` sorts
+  # the margins by cos θ_y (ElasticFace+; the paper then uses std 0.0175 Arc+, 0.025 Cos+).
+  config.head.elasticface_arc = dict(m=0.5, std=0.05, plus=False)
+  config.head.elasticface_cos = dict(m=0.35, std=0.05, plus=False)
   config.head.sface = dict(k=80.0, a=0.8, b=1.23)
   config.head.quality_sface = dict(k=80.0, a=0.8, b=1.23, shift=0.1, h=0.333, momentum=0.01)
-  config.head.adaface = dict(m=0.4, h=0.333, momentum=0.01)
+  # official_clamp: mk-minchul/AdaFace's cosine clamp ±(1 − 1e-3) and θ + g in [1e-3, π −
+  # 1e-3] (False: clamp to ±1 and [0, π] only; sface_jax/heads/adaface.py).
+  config.head.adaface = dict(m=0.4, h=0.333, momentum=0.01, official_clamp=True)
   config.head.center = dict(weight=0.005, alpha=0.5)
   config.head.triplet = dict(margin=0.2)
 

@@ -61,11 +61,13 @@ def np_cos(x, w):
   return x @ w
 
 
-def np_margin_target(c, m1, m2, m3, easy_margin=False):
+def np_margin_target(c, m1, m2, m3, easy_margin=False, fallback=True):
   theta = np.arccos(np.clip(c, -1.0, 1.0))
   margined = np.cos(m1 * theta + m2) - m3
   if easy_margin:
     return np.where(c > 0, margined, c)
+  if not fallback:  # arcface_torch: the bare formula everywhere
+    return margined
   limit = (np.pi - m2) / m1
   if m1 == 1.0:
     fallback = c - m2 * np.sin(m2) - m3  # Deng et al.'s reference fallback
@@ -88,7 +90,10 @@ def np_psi(c, m):
 
 
 def np_sphereface_lambda(step, base_, gamma, power, lambda_min):
-  return max(lambda_min, base_ * (1.0 + gamma * step) ** (-power))
+  """The reference codes' λ: their iteration counter is incremented before λ is computed, so
+  the step that follows `step` completed steps uses iteration = step + 1."""
+  iteration = step + 1
+  return max(lambda_min, base_ * (1.0 + gamma * iteration) ** (-power))
 
 
 def np_sface_weights(cos, labels, s, k, a, b, a_per_sample=None):
@@ -111,7 +116,7 @@ def np_sface_terms(cos, labels, s, k, a, b, a_per_sample=None):
 
 def np_norm_stats(norms, mean, std, momentum):
   norms = np.clip(norms, 0.001, 100.0)
-  batch_std = np.std(norms, ddof=1) if len(norms) > 1 else 0.0
+  batch_std = np.std(norms, ddof=0)  # our choice (adaface.py): global batch, ddof = 0
   return (momentum * norms.mean() + (1 - momentum) * mean,
           momentum * batch_std + (1 - momentum) * std)
 
@@ -120,9 +125,20 @@ def np_quality(norms, mean, std, h):
   return np.clip((np.clip(norms, 0.001, 100.0) - mean) / (std + 1e-3) * h, -1.0, 1.0)
 
 
-def np_adaface_target(c, z, m):
-  theta = np.arccos(np.clip(c, -1.0, 1.0))
-  return np.cos(np.clip(theta - m * z, 0.0, np.pi)) - (m * z + m)
+def np_adaface_target(c, z, m, official_clamp=True):
+  """mk-minchul/AdaFace head.py: cos clamped to ±(1 − eps), θ + g to [eps, π − eps]."""
+  eps = 1e-3 if official_clamp else 0.0
+  theta = np.arccos(np.clip(c, -1.0 + eps, 1.0 - eps))
+  return np.cos(np.clip(theta - m * z, eps, np.pi - eps)) - (m * z + m)
+
+
+def np_adaface_logits(cos, labels, z, m, scale, official_clamp=True):
+  eps = 1e-3 if official_clamp else 0.0
+  out = np.clip(np.array(cos, np.float64), -1.0 + eps, 1.0 - eps)  # every class clamped
+  rows = np.arange(len(labels))
+  out[rows, labels] = np_adaface_target(np.asarray(cos, np.float64)[rows, labels], z, m,
+                                        official_clamp)
+  return scale * out
 
 
 def np_triplet(x, labels, margin):
@@ -220,13 +236,30 @@ def is_non_increasing(values, tol=1e-4):
   return bool(np.all(np.diff(values) <= tol))
 
 
-@pytest.mark.parametrize('insightface_grad', [False, True])
 @pytest.mark.parametrize('margins', [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (2.0, 0.1, 0.05),
                                      (1.0, 0.0, 0.35)])
-def test_target_logit_non_increasing_in_theta(margins, insightface_grad):
-  values = dense_target_logits(*margins, insightface_grad)
+def test_target_logit_non_increasing_in_theta(margins):
+  values = dense_target_logits(*margins, False)
   assert np.all(np.isfinite(values))
   assert is_non_increasing(values), np.max(np.diff(values))
+
+
+@pytest.mark.parametrize('margins', [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (2.0, 0.1, 0.05),
+                                     (1.0, 0.0, 0.35)])
+def test_insightface_mode_value_is_the_bare_formula(margins):
+  """arcface_torch's value: cos(m1·θ + m2) − m3 everywhere, rising again past θ* (no
+  fallback); equal to our default below θ*."""
+  m1, m2, m3 = margins
+  # θ of the float32 cosines the heads see (float32 rounds cos θ to 1 for θ < 3e-4).
+  theta = np.arccos(np.cos(np.linspace(0.0, np.pi, 20_001)).astype(np.float32).astype(
+      np.float64))
+  values = dense_target_logits(*margins, True, num=20_001)
+  assert_close(values, 64.0 * (np.cos(m1 * theta + m2) - m3), FORWARD_TOL, 'bare formula')
+  default = dense_target_logits(*margins, False, num=20_001)
+  below = theta <= (np.pi - m2) / m1 - 1e-3
+  np.testing.assert_allclose(values[below], default[below], rtol=0, atol=1e-4)
+  if m1 * np.pi + m2 > np.pi + 1e-2:  # the bare curve passes π: it is not monotonic
+    assert not is_non_increasing(values)
 
 
 def test_monotonicity_check_catches_the_naive_arcface_curve():
@@ -250,13 +283,22 @@ def test_insightface_grad_mode_is_plain_cos_gradient_on_target():
   value_and_vjp = jax.jit(value_and_vjp, static_argnums=2)
   exact_value, exact_grad = value_and_vjp(cos, cotangent, False)
   insight_value, insight_grad = value_and_vjp(cos, cotangent, True)
-  # The same value: c + stop_gradient(t − c) rounds to t within an ulp or two of s·t.
-  np.testing.assert_allclose(insight_value, exact_value, rtol=1e-6, atol=1e-5)
+  # Values: the default's below π − m (c + stop_gradient(t − c) rounds to t within an ulp or
+  # two of s·t), the bare s·cos(θ + m) past it.
+  c64 = cos.astype(np.float64)
+  rows = np.arange(4)
+  past = np.zeros(cos.shape, bool)
+  past[rows, labels] = np.arccos(c64[rows, labels]) + m > np.pi
+  assert past.any()  # the target at cos θ = −0.97 is past π − m
+  np.testing.assert_allclose(np.asarray(insight_value)[~past], np.asarray(exact_value)[~past],
+                             rtol=1e-6, atol=1e-5)
+  bare = scale * np.cos(np.arccos(c64) + m)
+  assert_close(np.asarray(insight_value)[past], bare[past], FORWARD_TOL, 'bare past pi - m')
+  assert np.all(np.asarray(insight_value)[past] > np.asarray(exact_value)[past])
   # insightface mode: d logit / d cos = s everywhere, target included.
   np.testing.assert_allclose(insight_grad, scale * cotangent, rtol=1e-6)
   # exact mode: on the target, s·d cos(θ+m)/d cos θ = s·(cos m + sin m·cos θ / sin θ).
-  c = cos.astype(np.float64)
-  rows = np.arange(4)
+  c = c64
   factor = np.ones_like(c)
   in_margin = np.arccos(c[rows, labels]) + m <= np.pi
   factor[rows, labels] = np.where(
@@ -481,27 +523,28 @@ def test_adaface_norm_statistics_and_quality():
                                 float(big['norm_std']), 0.333)
   assert_close(quality, expected_quality, FORWARD_TOL, 'quality')
   assert np.any(np.abs(expected_quality) == 1.0)  # the clip is exercised
-  # A batch of one: population std (0), no NaN.
+  # A batch of one: population std (0), no NaN (torch.std would be NaN here).
   one = heads.update_norm_stats(norms[:1], heads.init_norm_stats(), momentum=0.01)
   assert_close([one['norm_mean'], one['norm_std']],
                np_norm_stats(np.array([100.0]), 20.0, 100.0, 0.01), FORWARD_TOL, 'B=1')
 
 
-def test_adaface_logits_against_reference():
+@pytest.mark.parametrize('official_clamp', [True, False])
+def test_adaface_logits_against_reference(official_clamp):
   rng = np.random.default_rng(7)
   labels = np.array([0, 5, 2, 5, 1, 3, 4, 0], np.int32)
   cos = random_cos(rng, 8, 6, labels)
   cos[1, 5] = 0.99  # θ_y < m: θ + g_angle < 0 is clipped for high quality
+  # |cos| > 0.999: the official clamp changes these (non-target and target) logits.
+  cos[2, 0], cos[3, 1], cos[6, 4] = 0.9995, -0.9996, 0.9997
   quality = np.array([-1.0, 1.0, 0.3, -0.2, 0.0, 1.0, -1.0, 0.7], np.float32)
   z = quality.astype(np.float64)
 
   def reference(c):
-    rows = np.arange(8)
-    out = np.array(c, np.float64)
-    out[rows, labels] = np_adaface_target(out[rows, labels], z, 0.4)
-    return 64.0 * out
+    return np_adaface_logits(c, labels, z, 0.4, 64.0, official_clamp)
 
-  logits_fn = lambda c: heads.adaface_logits(c, labels, quality, scale=64.0, m=0.4)
+  logits_fn = lambda c: heads.adaface_logits(c, labels, quality, scale=64.0, m=0.4,
+                                             official_clamp=official_clamp)
   loss = lambda c: heads.cross_entropy(logits_fn(c), labels)
   logits, grad = jax.jit(lambda c: (logits_fn(c), jax.grad(loss)(c)))(cos)
   assert_close(logits, reference(cos.astype(np.float64)), FORWARD_TOL, 'adaface logits')
@@ -511,7 +554,8 @@ def test_adaface_logits_against_reference():
   theta = np.linspace(0.0, np.pi, 20_001)
   for q in (-1.0, -0.5, 0.0, 0.5, 1.0):
     target = adaface_lib.adaface_target(np.cos(theta).astype(np.float32),
-                                        np.full(theta.shape, q, np.float32), m=0.4)
+                                        np.full(theta.shape, q, np.float32), m=0.4,
+                                        official_clamp=official_clamp)
     assert np.all(np.diff(np.asarray(target, np.float64)) <= 2e-6), q
 
 
@@ -628,10 +672,7 @@ def reference_head(name, x, w, bias, state):
     z = np_quality(norms, mean, std, c.h)
     new_state = {'norm_mean': mean, 'norm_std': std}
     if name == 'adaface':
-      logits = scale * np.array(cos)
-      rows = np.arange(B)
-      logits[rows, LABELS] = scale * np_adaface_target(cos[rows, LABELS], z, c.m)
-      return np_ce(logits, LABELS), new_state, z
+      return np_ce(np_adaface_logits(cos, LABELS, z, c.m, scale), LABELS), new_state, z
     a_i = c.a - c.shift * z
     return sum(np_sface_terms(cos, LABELS, scale, c.k, c.a, c.b, a_i)), new_state, \
         np_sface_weights(cos, LABELS, scale, c.k, c.a, c.b, a_i)
@@ -646,11 +687,7 @@ def reference_loss_with_constants(name, x, w, bias, state, constants):
     return float(np.sum(constants * np_cos(x, w)))  # sigmoid weights are constants
   if name == 'adaface':
     c = head_config(name)
-    cos = np_cos(x, w)
-    logits = c.scale * cos
-    rows = np.arange(B)
-    logits[rows, LABELS] = c.scale * np_adaface_target(cos[rows, LABELS], constants,
-                                                        c.adaface.m)
+    logits = np_adaface_logits(np_cos(x, w), LABELS, constants, c.adaface.m, c.scale)
     return np_ce(logits, LABELS)  # ẑ (from the norm) is a constant
   return reference_head(name, x, w, bias, state)[0]
 
@@ -775,12 +812,9 @@ def test_cosine_level_functions_at_plus_minus_one():
     return lambda: np_ce(64.0 * np_with_target(
         c64, labels, lambda t: np_margin_target(t, m1, m2, m3)), labels)
 
-  def adaface_ref():
-    logits = 64.0 * c64.copy()
-    rows = np.arange(3)
-    logits[rows, labels] = 64.0 * np_adaface_target(c64[rows, labels],
-                                                    quality.astype(np.float64), 0.4)
-    return np_ce(logits, labels)
+  def adaface_ref(official_clamp=True):
+    return lambda: np_ce(np_adaface_logits(c64, labels, quality.astype(np.float64), 0.4, 64.0,
+                                           official_clamp), labels)
 
   functions = {
       'arcface': (lambda c: heads.cross_entropy(
@@ -796,7 +830,10 @@ def test_cosine_level_functions_at_plus_minus_one():
       'sface': (lambda c: heads.sface_loss(c, labels),
                 lambda: sum(np_sface_terms(c64, labels, 64.0, 80.0, 0.8, 1.23))),
       'adaface': (lambda c: heads.cross_entropy(
-          heads.adaface_logits(c, labels, quality, scale=64.0), labels), adaface_ref),
+          heads.adaface_logits(c, labels, quality, scale=64.0), labels), adaface_ref()),
+      'adaface_ours': (lambda c: heads.cross_entropy(
+          heads.adaface_logits(c, labels, quality, scale=64.0, official_clamp=False), labels),
+                       adaface_ref(False)),
   }
   for name, (fn, reference) in functions.items():
     value, grad = jax.jit(jax.value_and_grad(fn))(cos)

@@ -24,15 +24,17 @@ BATCH, DIM = 16, 8
 # ---- what runs in the subprocess ------------------------------------------------------------
 
 
-def _head_gradients(name, devices, sample_rate=1.0, num_classes=NUM_CLASSES, scale=16.0):
-  """Loss, gradients, metrics and new head state of head `name` laid out on `devices`."""
+def _head_gradients(name, devices, sample_rate=1.0, num_classes=NUM_CLASSES, scale=16.0,
+                    x_scale=1.0, overrides=None):
+  """Loss, gradients, metrics and new head state of head `name` laid out on `devices`;
+  `x_scale` multiplies the embeddings, `overrides` are `config.head` fields."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
   from sface_jax import heads, sharding  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(BATCH, DIM)), jnp.float32)
+  x = jnp.asarray(x_scale * rng.normal(size=(BATCH, DIM)), jnp.float32)
   # The first and the last class (the last device's block, next to the padding) are in it.
   labels = jnp.asarray(np.r_[0, num_classes - 1, rng.integers(0, num_classes, BATCH - 2)],
                        jnp.int32)
@@ -40,6 +42,7 @@ def _head_gradients(name, devices, sample_rate=1.0, num_classes=NUM_CLASSES, sca
   config = base.get_config()
   config.head.name = name
   config.head.scale = scale
+  config.head.update_from_flattened_dict(overrides or {})
   mesh = sharding.make_mesh(jax.devices()[:devices])
   head = heads.get_head(config.head)
   padded = sharding.padded_num_classes(num_classes, mesh)
@@ -75,6 +78,14 @@ def check_heads():
   # 0.999 keeps ceil(0.999 * 5) = 5 of 5 columns: the sampling path with nothing dropped.
   out['pfc_all'] = {'one': out['arcface']['one'],
                     'many': _head_gradients('arcface', DEVICES, sample_rate=0.999)}
+  # MagFace with ‖x‖ ≈ 20·√8 ≈ 57 inside [l_a, u_a] = [10, 110], so the margin's and the
+  # regulariser's gradients through the norm are compared too (at ‖x‖ ≈ 2.8 both are clamped).
+  out['magface_in_range'] = {name: _head_gradients('magface', n, x_scale=20.0)
+                             for name, n in (('one', 1), ('many', DEVICES))}
+  # ElasticFace+: margins drawn for the global batch and sorted by every sample's cos θ_y.
+  plus = {'elasticface_arc.plus': True}
+  out['elasticface_plus'] = {name: _head_gradients('elasticface_arc', n, overrides=plus)
+                             for name, n in (('one', 1), ('many', DEVICES))}
   # 8 × 300 classes, r = 0.1: K = max(30, B = 16) = 30 centres per device per step.
   out['pfc_tenth'] = _head_gradients('arcface', DEVICES, sample_rate=0.1, num_classes=2400)
   return out
@@ -181,7 +192,7 @@ def _close(many, one, what, rtol=2e-5):
 
 def test_every_head_on_eight_devices_equals_one_device(head_results):
   from sface_jax import heads  # pylint: disable=g-import-not-at-top
-  for name in [*heads.HEAD_NAMES, 'pfc_all']:
+  for name in [*heads.HEAD_NAMES, 'pfc_all', 'magface_in_range', 'elasticface_plus']:
     one, many = head_results[name]['one'], head_results[name]['many']
     _close(many['loss'], one['loss'], f'{name} loss')
     _close(many['grad_x'], one['grad_x'], f'{name} embedding gradient')

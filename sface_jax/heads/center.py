@@ -5,7 +5,11 @@
 on the raw (un-normalised) embeddings. Wen et al. write both terms as sums over the
 mini-batch, L_S + λ·L_C with L_C = ½Σ_i‖x_i − c_{y_i}‖²; dividing both by the batch size gives
 the batch means used here, so λ keeps the paper's meaning (0.003–0.01) and does not have to be
-re-tuned when the batch size changes.
+re-tuned when the batch size changes. Wen et al.'s own Caffe code (caffe-face's center loss
+layer) divides by the batch size as well, so our λ is theirs. KaiyangZhou's popular PyTorch
+`CenterLoss` computes mean_i ‖x_i − c_{y_i}‖² without the ½ (twice ours) and moves the
+centres by SGD on that loss instead of by the rule below: its λ must be half of ours for the
+same pull on the embeddings.
 
 The centres c_j (num_classes, embedding_dim) are state, not parameters: the loss sees them as
 constants and they move by Wen et al.'s running-average rule with rate α,

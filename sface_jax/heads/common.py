@@ -34,6 +34,13 @@ def clip_unit(cos_theta: Array) -> Array:
   return jnp.where(cos_theta > 1.0, 1.0, jnp.where(cos_theta < -1.0, -1.0, cos_theta))
 
 
+def clamp(x: Array, low: float, high: float) -> Array:
+  """x clamped to [low, high] with torch.clamp's gradient: 1 inside and on the bounds, 0
+  outside (`where`, not `jnp.clip`, whose gradient is ½ on a bound). The official PyTorch
+  heads clamp this way (AdaFace's ±(1 − 1e-3), MagFace's norm range)."""
+  return jnp.where(x > high, high, jnp.where(x < low, low, x))
+
+
 def sin_from_cos(cos_theta: Array) -> Array:
   """sin θ for θ = arccos(cos θ) ∈ [0, π]: sqrt((1 − c)(1 + c)), NaN-free gradient.
 

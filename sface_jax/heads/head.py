@@ -5,22 +5,24 @@
   inputs = head_inputs(embeddings, labels, params['classifier'], ...)
   loss, new_state, metrics = head.loss(inputs, state, step)
 
-A head runs on every device at once (`sharding.shard_head` wraps it in `jax.shard_map`;
-with one device, everything below is simply whole). On each device, `HeadInputs` holds that
+A head runs on every device at once (`sharding.shard_head` wraps it in `jax.shard_map`; with
+one device, everything below is simply whole). On each device, `HeadInputs` holds that
 device's shard of the batch, the whole batch (all-gathered: every device scores every sample
-against its own classes), and its block of the class centres: C/n columns, or Partial FC's
-sample of them. Heads reduce over the classes with `axis_name` (a distributed log-sum-exp,
-summed SFace terms, ...), so the loss and the metrics come out the same on every device and
-equal to the one-device computation. The all-gather's transpose, in the backward pass, sums
-each sample's embedding gradient from every device's classes back onto the device that owns
-the sample (a reduce-scatter).
+against its own classes), its block of the class centres (C/n columns, or Partial FC's
+sample of them), and the step's key `rng`, the same on every device (a head that needs
+per-sample randomness, ElasticFace, draws it for the whole batch from that key, so every
+device draws the same numbers whatever the device count). Heads reduce over the classes with
+`axis_name` (a distributed log-sum-exp, summed SFace terms, ...), so the loss and the
+metrics come out the same on every device and equal to the one-device computation. The
+all-gather's transpose, in the backward pass, sums each sample's embedding gradient from
+every device's classes back onto the device that owns the sample (a reduce-scatter).
 
 `loss` returns a float32 scalar to differentiate; `new_state` is computed without gradient
-by the head's own rule (AdaFace running norm statistics, center-loss centres) and replaces
-`state` after the step; `metrics` are float32 scalars for logging: `xnorm` (batch-mean ‖x‖,
-insightface's XNorm), and where the head has class centres `theta_target` (batch-mean θ_y in
-degrees), `theta_nearest_negative` and `accuracy` (train top-1; under Partial FC among the
-sampled classes), plus the head's own numbers.
+by the head's own rule (AdaFace running norm statistics, center-loss centres,
+CurricularFace's t) and replaces `state` after the step; `metrics` are float32 scalars for
+logging: `xnorm` (batch-mean ‖x‖, insightface's XNorm), and where the head has class centres
+`theta_target` (batch-mean θ_y in degrees), `theta_nearest_negative` and `accuracy` (train
+top-1; under Partial FC among the sampled classes), plus the head's own numbers.
 
 The table `HEADS` builds each head from its config with keyword arguments, reading every
 hyper-parameter once into Python numbers, so the loss functions close over constants and jit
@@ -36,6 +38,10 @@ import jax.numpy as jnp
 from sface_jax.heads import adaface as adaface_lib
 from sface_jax.heads import center as center_lib
 from sface_jax.heads import common
+from sface_jax.heads import curricularface as curricular_lib
+from sface_jax.heads import elasticface as elastic_lib
+from sface_jax.heads import lsoftmax as lsoftmax_lib
+from sface_jax.heads import magface as magface_lib
 from sface_jax.heads import margin as margin_lib
 from sface_jax.heads import partial_fc
 from sface_jax.heads import sface as sface_lib
@@ -63,6 +69,7 @@ class HeadInputs:
   row_labels: Optional[Array]  # (B,): each sample's row among this device's classes (per-
   #                              class state such as center-loss centres), −1 elsewhere
   axis_name: Optional[str]  # the mesh axis of the devices (None: one device)
+  rng: Optional[Array] = None  # the step's key, the same on every device (ElasticFace's draw)
 
 
 LossFn = Callable[[HeadInputs, Any, Array], Tuple[Array, Any, Metrics]]
@@ -97,7 +104,7 @@ def head_inputs(embeddings: Array, labels: Array, classifier: Dict[str, Array], 
     all_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
   inputs = dict(embeddings=x, labels=labels, all_embeddings=all_x, all_labels=all_labels,
                 batch_offset=device * x.shape[0], axis_name=axis_name, class_centers=None,
-                bias=None, block_labels=None, valid=None, row_labels=None)
+                bias=None, block_labels=None, valid=None, row_labels=None, rng=rng)
   centers = classifier.get('class_centers')
   if centers is None:
     return HeadInputs(**inputs)
@@ -131,6 +138,20 @@ def _batch_mean(values: Array, inputs: HeadInputs) -> Array:
 
 def _base_metrics(inputs: HeadInputs) -> Metrics:
   return {'xnorm': _batch_mean(common.row_norms(inputs.embeddings), inputs)}
+
+
+def _sample_sum(values: Array, inputs: HeadInputs) -> Array:
+  """Σ over the whole batch of per-sample values of this device's shard, *with* gradient:
+  each sample is counted once, on the device that owns it (MagFace's regulariser)."""
+  return common.device_sum(jnp.sum(values), inputs.axis_name)
+
+
+def _every_target_cosine(inputs: HeadInputs, cos_theta: Array) -> Array:
+  """cos θ_y (B,) of every sample of the batch on every device, no gradient: the block that
+  holds the class reads it, the others read 0, and a psum adds them."""
+  cos_theta = jax.lax.stop_gradient(common.clip_unit(cos_theta))
+  return common.device_sum(common.take_target(cos_theta, inputs.block_labels),
+                           inputs.axis_name)
 
 
 def _cosine_metrics(inputs: HeadInputs, cos_theta: Array) -> Metrics:
@@ -209,6 +230,91 @@ def _softmax_loss(weight=0.0, alpha=0.0, with_centers=False) -> LossFn:
   return loss
 
 
+def _lsoftmax_loss(m, base, gamma, power, lambda_min) -> LossFn:
+  schedule = dict(base=float(base), gamma=float(gamma), power=float(power),
+                  lambda_min=float(lambda_min))
+
+  def loss(inputs, state, step):
+    lambda_ = sphereface_lib.sphereface_lambda(step, **schedule)
+    logits, target = lsoftmax_lib.lsoftmax_logits_with_target(
+        inputs.all_embeddings, inputs.class_centers, inputs.block_labels, m=int(m),
+        lambda_=lambda_)
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
+                                      valid=inputs.valid, axis_name=inputs.axis_name)
+    raw_logits = softmax_lib.linear_logits(jax.lax.stop_gradient(inputs.all_embeddings),
+                                           jax.lax.stop_gradient(inputs.class_centers))
+    metrics = _base_metrics(inputs)
+    metrics['accuracy'] = common.accuracy(raw_logits, inputs.block_labels, valid=inputs.valid,
+                                          axis_name=inputs.axis_name)
+    metrics['theta_target'] = _softmax_theta_target(inputs, raw_logits)
+    metrics['lambda'] = lambda_
+    return value, state, metrics
+  return loss
+
+
+def _curricular_loss(scale, m, momentum) -> LossFn:
+  def loss(inputs, state, step):
+    del step
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    cos_target = _every_target_cosine(inputs, cos_theta)
+    t = curricular_lib.update_t(cos_target, state['t'], momentum=float(momentum))
+    logits, target = curricular_lib.curricular_logits_with_target(
+        cos_theta, inputs.block_labels, t, scale=float(scale), m=float(m),
+        cos_target=cos_target)
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
+                                      valid=inputs.valid, axis_name=inputs.axis_name)
+    metrics = _cosine_metrics(inputs, cos_theta)
+    metrics['t'] = t
+    return value, {'t': t}, metrics
+  return loss
+
+
+def _magface_loss(scale, l_a, u_a, l_margin, u_margin, lambda_g, easy_margin) -> LossFn:
+  bounds = dict(l_a=float(l_a), u_a=float(u_a))
+
+  def loss(inputs, state, step):
+    del step
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    logits, target = magface_lib.magface_logits_with_target(
+        cos_theta, inputs.block_labels, common.row_norms(inputs.all_embeddings),
+        scale=float(scale), l_margin=float(l_margin), u_margin=float(u_margin),
+        easy_margin=bool(easy_margin), **bounds)
+    cross_entropy = softmax_lib.cross_entropy(logits, inputs.block_labels,
+                                              target_logits=target, valid=inputs.valid,
+                                              axis_name=inputs.axis_name)
+    own_magnitude = magface_lib.magnitude(common.row_norms(inputs.embeddings), **bounds)
+    regularizer = _sample_sum(magface_lib.magface_regularizer(own_magnitude, u_a=float(u_a)),
+                              inputs) / inputs.all_embeddings.shape[0]
+    metrics = _cosine_metrics(inputs, cos_theta)
+    metrics['cross_entropy'] = jax.lax.stop_gradient(cross_entropy)
+    metrics['regularizer'] = jax.lax.stop_gradient(regularizer)
+    metrics['margin'] = _batch_mean(magface_lib.magface_margin(
+        own_magnitude, l_margin=float(l_margin), u_margin=float(u_margin), **bounds), inputs)
+    return cross_entropy + float(lambda_g) * regularizer, state, metrics
+  return loss
+
+
+def _elastic_loss(scale, m, std, plus, variant) -> LossFn:
+  def loss(inputs, state, step):
+    del step
+    if inputs.rng is None:
+      raise ValueError('elasticface draws its margins from HeadInputs.rng: pass rng= to '
+                       'head_inputs')
+    cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
+    cos_target = _every_target_cosine(inputs, cos_theta) if plus else None
+    margins = elastic_lib.elastic_margins(inputs.rng, cos_target,
+                                          inputs.all_embeddings.shape[0], m=float(m),
+                                          std=float(std), plus=bool(plus))
+    logits, target = elastic_lib.elastic_logits_with_target(
+        cos_theta, inputs.block_labels, margins, scale=float(scale), variant=variant)
+    value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
+                                      valid=inputs.valid, axis_name=inputs.axis_name)
+    metrics = _cosine_metrics(inputs, cos_theta)
+    metrics['margin'] = jnp.mean(margins)
+    return value, state, metrics
+  return loss
+
+
 def _sphereface_loss(m, base, gamma, power, lambda_min) -> LossFn:
   schedule = dict(base=float(base), gamma=float(gamma), power=float(power),
                   lambda_min=float(lambda_min))
@@ -249,13 +355,14 @@ def _sface_loss(scale, k, a, b, shift=None, h=None, momentum=None) -> LossFn:
   return loss
 
 
-def _adaface_loss(scale, m, h, momentum) -> LossFn:
+def _adaface_loss(scale, m, h, momentum, official_clamp) -> LossFn:
   def loss(inputs, state, step):
     del step
     cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
     state, quality, quality_metrics = _norm_quality(inputs, state, float(momentum), float(h))
     logits, target = adaface_lib.adaface_logits_with_target(
-        cos_theta, inputs.block_labels, quality, scale=float(scale), m=float(m))
+        cos_theta, inputs.block_labels, quality, scale=float(scale), m=float(m),
+        official_clamp=bool(official_clamp))
     metrics = _cosine_metrics(inputs, cos_theta)
     metrics.update(quality_metrics)
     value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
@@ -281,6 +388,11 @@ def _norm_stats_state(padded_classes: int, embedding_dim: int) -> Dict[str, Arra
   return adaface_lib.init_norm_stats()
 
 
+def _curricular_state(padded_classes: int, embedding_dim: int) -> Dict[str, Array]:
+  del padded_classes, embedding_dim
+  return curricular_lib.init_state()
+
+
 def _center_state(padded_classes: int, embedding_dim: int) -> Dict[str, Array]:
   return {'centers': jnp.zeros((padded_classes, embedding_dim), jnp.float32)}
 
@@ -296,6 +408,14 @@ HEADS: Dict[str, Callable[[Any], Head]] = {
                                            insightface_grad=c.arcface.insightface_grad)),
     'combined': lambda c: Head(_margin_loss(c.scale, **c.combined)),
     'sphereface': lambda c: Head(_sphereface_loss(**c.sphereface)),
+    'lsoftmax': lambda c: Head(_lsoftmax_loss(**c.lsoftmax)),
+    'curricularface': lambda c: Head(_curricular_loss(c.scale, **c.curricularface),
+                                     init_state=_curricular_state),
+    'magface': lambda c: Head(_magface_loss(c.scale, **c.magface)),
+    'elasticface_arc': lambda c: Head(_elastic_loss(c.scale, variant='arc',
+                                                    **c.elasticface_arc)),
+    'elasticface_cos': lambda c: Head(_elastic_loss(c.scale, variant='cos',
+                                                    **c.elasticface_cos)),
     'sface': lambda c: Head(_sface_loss(c.scale, **c.sface)),
     'quality_sface': lambda c: Head(_sface_loss(c.scale, **c.quality_sface),
                                     init_state=_norm_stats_state),

@@ -9,7 +9,14 @@ which is continuous, decreasing from 1 to 1 − 2m over [0, π] (a plain cos(mθ
 Training starts from the softmax and anneals towards ψ:
 
   logit_y = ‖x‖·(λ·cos θ_y + ψ(θ_y)) / (1 + λ),
-  λ = max(λ_min, base·(1 + γ·step)^(−power))           (defaults 1000, 0.12, 1, 5).
+  λ = max(λ_min, base·(1 + γ·iteration)^(−power))      (defaults 1000, 0.12, 1, 5),
+
+with iteration = step + 1, step the optimiser steps already taken (`state.step`, 0 on the
+first step). Both reference codes increment their counter *before* computing λ
+(wy1iu/sphereface `margin_inner_product_layer.cpp` and wy1iu/LargeMargin_Softmax_Loss
+`largemargin_inner_product_layer.cpp`: `iter_ += 1` at the top of Forward; the
+face.evoLVe/zhongyy SphereFace port the same), so their first step uses iteration 1:
+λ = 1000/1.12 = 892.86, and λ_min = 5 is first reached at step 1658 (iteration 1659).
 
 cos(mθ) is the Chebyshev polynomial T_m(cos θ) (T_4(c) = 8c⁴ − 8c² + 1), so no arccos enters
 the value or the gradient; k counts the thresholds cos(jπ/m) that cos θ lies below.
@@ -28,10 +35,14 @@ Array = jax.Array
 
 def sphereface_lambda(step: Array, *, base: float = 1000.0, gamma: float = 0.12,
                       power: float = 1.0, lambda_min: float = 5.0) -> Array:
-  """λ(step) = max(λ_min, base·(1 + γ·step)^(−power)), float32 scalar."""
-  step = jnp.asarray(step).astype(jnp.float32)
+  """λ = max(λ_min, base·(1 + γ·(step + 1))^(−power)), float32 scalar.
+
+  `step` counts the steps taken before this one (0 on the first); the + 1 is the reference
+  codes' pre-incremented iteration counter (module docstring). Shared by L-Softmax.
+  """
+  iteration = jnp.asarray(step).astype(jnp.float32) + 1.0
   return jnp.maximum(jnp.float32(lambda_min),
-                     base * jnp.power(1.0 + gamma * step, -float(power)))
+                     base * jnp.power(1.0 + gamma * iteration, -float(power)))
 
 
 def chebyshev(cos_theta: Array, m: int) -> Array:
