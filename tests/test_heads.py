@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from references import assert_close, fd_grad, np_ce, rel_error
 from configs import base
 from sface_jax import heads
 from sface_jax.heads import adaface as adaface_lib
@@ -23,36 +24,6 @@ GRAD_TOL = 1e-4
 
 # ---------------------------------------------------------------------------------------
 # Helpers and NumPy float64 references.
-
-
-def rel_error(actual, expected):
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-def assert_close(actual, expected, tol, what=''):
-  err = rel_error(actual, expected)
-  assert err <= tol, f'{what}: relative error {err:.3g} > {tol:g}'
-
-
-def fd_grad(f, x, h=1e-6):
-  """Central finite differences of a float64 scalar function."""
-  x = np.array(x, np.float64)
-  grad = np.zeros_like(x)
-  for index in np.ndindex(x.shape):
-    plus, minus = x.copy(), x.copy()
-    plus[index] += h
-    minus[index] -= h
-    grad[index] = (f(plus) - f(minus)) / (2 * h)
-  return grad
-
-
-def np_ce(logits, labels):
-  z = logits - logits.max(axis=1, keepdims=True)
-  log_norm = np.log(np.exp(z).sum(axis=1))
-  return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
 
 
 def np_cos(x, w):

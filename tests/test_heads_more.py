@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from references import assert_close, fd_grad, np_ce
 from configs import base
 from sface_jax import heads
 from sface_jax.heads import elasticface as elastic_lib
@@ -28,34 +29,6 @@ LABELS = np.array([0, 4, 2, 4, 0], np.int32)  # the first and the last class
 
 
 # ---- helpers and references -------------------------------------------------------------
-
-
-def rel_error(actual, expected):
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-def assert_close(actual, expected, tol, what=''):
-  err = rel_error(actual, expected)
-  assert err <= tol, f'{what}: relative error {err:.3g} > {tol:g}'
-
-
-def fd_grad(f, x, h=1e-6):
-  x = np.array(x, np.float64)
-  grad = np.zeros_like(x)
-  for index in np.ndindex(x.shape):
-    plus, minus = x.copy(), x.copy()
-    plus[index] += h
-    minus[index] -= h
-    grad[index] = (f(plus) - f(minus)) / (2 * h)
-  return grad
-
-
-def np_ce(logits, labels):
-  z = logits - logits.max(axis=1, keepdims=True)
-  return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(labels)), labels]))
 
 
 def np_cos(x, w):
