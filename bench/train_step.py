@@ -41,10 +41,8 @@ import functools
 import os
 import pathlib
 import platform
-import statistics
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -56,25 +54,11 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from backbone import measured_bf16_peak  # pylint: disable=g-import-not-at-top,wrong-import-position
+from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax import models, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Window = Callable[[], None]  # runs `--steps` steps and waits for the device
-
-
-def median_seconds(windows: Dict[str, Window], warmup: int, repeats: int) -> Dict[str, float]:
-  """Median wall time of each window, the windows run in alternation (module docstring)."""
-  for window in windows.values():
-    for _ in range(warmup):
-      window()
-  times: Dict[str, List[float]] = {name: [] for name in windows}
-  for _ in range(repeats):
-    for name, window in windows.items():
-      start = time.perf_counter()
-      window()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) for name, values in times.items()}
 
 
 def step_config(model: str, head: str, batch: int, dtype: str, image_size: int):
@@ -279,7 +263,7 @@ def main() -> None:
         if not args.no_torch:
           windows['torch'] = torch_window(model_name, head, batch, args.num_classes, args.steps,
                                           args.device, args.dtype, args.threads)
-        seconds = median_seconds(windows, args.warmup, args.windows)
+        seconds = paired_medians(windows, args.warmup, args.windows)
         ours = batch_size * args.steps / seconds['ours']
         theirs = batch_size * args.steps / seconds['torch'] if 'torch' in seconds else None
         row = (f'| {model_name} | {head} | {batch_size} | {ours:.1f} | '
@@ -291,7 +275,7 @@ def main() -> None:
         rows.append(row)
         print(row, f'  (load average {os.getloadavg()[0]:.1f})', flush=True)
         if args.breakdown:
-          parts = median_seconds({'whole step': windows['ours'],
+          parts = paired_medians({'whole step': windows['ours'],
                                   **runner.pieces(device_batch, args.steps)},
                                  args.warmup, args.windows)
           for name, value in parts.items():
@@ -300,7 +284,7 @@ def main() -> None:
         if args.data:
           from_pipeline, host_next = pipeline_batches(args.data, runner, batch_size,
                                                       args.image_size)
-          fed = median_seconds({'pipeline alone': lambda: [host_next()
+          fed = paired_medians({'pipeline alone': lambda: [host_next()
                                                            for _ in range(args.steps)],
                                 'step fed by it': runner.window(from_pipeline, args.steps),
                                 'step, fixed batch': windows['ours']},

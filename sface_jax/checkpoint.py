@@ -147,6 +147,14 @@ def save_backbone(workdir: str, config: ml_collections.ConfigDict, variables: An
       checkpointer.close()
 
 
+def add_source_arguments(parser) -> None:
+  """Adds the required `--workdir | --checkpoint` pair of an argparse parser: the weights
+  `load_for_inference` reads (`args.workdir or args.checkpoint`)."""
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--workdir', help='training or imported run directory (its newest step)')
+  source.add_argument('--checkpoint', help='one step: <workdir>/checkpoints/<step>')
+
+
 def load_for_inference(path: str, *, model_name: str | None = None):
   """Backbone and its variables, for embedding, from a work directory (its newest
   checkpoint) or one step's directory (`<workdir>/checkpoints/<step>`).

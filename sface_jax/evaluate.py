@@ -70,9 +70,7 @@ def _parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m sface_jax.evaluate',
       description='Verification accuracy (insightface protocol) of a trained backbone.')
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--workdir', help='training run directory (its newest checkpoint)')
-  source.add_argument('--checkpoint', help='one checkpoint: <workdir>/checkpoints/<step>')
+  checkpoint.add_source_arguments(parser)
   parser.add_argument('--sets', nargs='+', default=None,
                       help='set names in the data dir (lfw cfp_fp ...) or .bin/.npz paths; '
                            "default: the run's config.eval.sets")

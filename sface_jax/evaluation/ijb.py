@@ -360,9 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m sface_jax.evaluation.ijb',
       description='IJB-B / IJB-C 1:1 template verification (insightface eval_ijbc.py).')
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--workdir', help='training or imported run directory (newest step)')
-  source.add_argument('--checkpoint', help='a work dir, or <workdir>/checkpoints/<step>')
+  from sface_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.add_source_arguments(parser)
   parser.add_argument('--ijb-dir', required=True,
                       help='the IJBB or IJBC folder: meta/ and loose_crop/')
   parser.add_argument('--target', default='IJBC', type=str.upper, choices=ijb_data.TARGETS)

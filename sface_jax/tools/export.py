@@ -499,9 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog='python -m sface_jax.tools.export',
       description='Export a trained backbone (inference mode) as a TensorFlow SavedModel or '
                   'ONNX, checked against the JAX model before it is kept.')
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--workdir', help='training or imported run directory (newest step)')
-  source.add_argument('--checkpoint', help='a work dir, or <workdir>/checkpoints/<step>')
+  from sface_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.add_source_arguments(parser)
   parser.add_argument('--output', required=True,
                       help='SavedModel directory or .onnx file to create (must not exist)')
   parser.add_argument('--format', required=True, choices=FORMATS)
