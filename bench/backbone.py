@@ -41,7 +41,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from sface_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sface_jax import models, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def timed(call: Callable[[], None]) -> float:
@@ -95,14 +95,15 @@ def jax_calls(name: str, batch: int, image_size: int, dtype: str, device: str,
   images = jax.device_put(
       np.random.RandomState(1).normal(size=(batch, image_size, image_size, 3)).astype(
           np.float32), target)
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  options = xla_options.compiler_options(target.platform)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0], compiler_options=options)
 
   def loss(params, batch_stats, x):
     (embeddings, norms), updates = model.apply({'params': params, 'batch_stats': batch_stats},
                                                x, train=True, mutable=['batch_stats'])
     return jnp.mean(embeddings ** 2) + jnp.mean(norms), updates['batch_stats']
 
-  train = jax.jit(jax.grad(loss, has_aux=True))
+  train = jax.jit(jax.grad(loss, has_aux=True), compiler_options=options)
   return {
       'forward': lambda: forward(variables, images).block_until_ready(),
       'forward+backward': lambda: jax.block_until_ready(

@@ -3,6 +3,7 @@
   python bench/train_step.py                                # CPU: r18, r50, mbf × arcface, sface
   python bench/train_step.py --models r50 --heads arcface --batch 32 --windows 5
   python bench/train_step.py --models r50 --breakdown       # where the time goes
+  python bench/train_step.py --models r50 --xla-defaults    # our compiler options vs XLA's
   python bench/train_step.py --models r50 --data DIR        # fed by the real tf.data pipeline
   python bench/train_step.py --device gpu --dtype bfloat16 --batch 128,256 \\
       --num-classes 85742 --profile /tmp/profile         # one GPU (see METHOD below)
@@ -25,6 +26,8 @@ Threads on the CPU: torch gets `set_num_threads(T)`, T = the CPUs this process m
 sizes its pool from the same count. On a GPU the PyTorch side runs as arcface_torch does:
 `torch.autocast(bfloat16)` with the model in `channels_last`; its loss stays float32.
 
+`--xla-defaults` adds a third side, alternated with the other two: our step compiled with
+XLA's own options instead of `sface_jax.xla_options` (the before/after of that choice).
 `--breakdown` times the pieces of our step separately (backbone forward+backward alone; the
 head's loss and gradient on fixed embeddings; the optimiser update alone) next to the whole
 step, so a slow piece shows. `--data DIR` feeds our step from the real input pipeline
@@ -56,7 +59,7 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sface_jax import models, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sface_jax import models, sharding, train, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Window = Callable[[], None]  # runs `--steps` steps and waits for the device
 
@@ -80,7 +83,7 @@ def random_batch(batch: int, image_size: int, num_classes: int, seed: int = 1):
 class JaxStep:
   """Our jitted train step on every device of `device`'s kind, with its state."""
 
-  def __init__(self, config, num_classes: int, device: str):
+  def __init__(self, config, num_classes: int, device: str, compiler_options=None):
     self.mesh = sharding.make_mesh(jax.devices(device))
     self.setup = train.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
                                   total_steps=1_000_000, mesh=self.mesh)
@@ -88,10 +91,8 @@ class JaxStep:
     self.state_shardings = sharding.tree_shardings(self.mesh, jax.eval_shape(init))
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_shardings)()
-    self.step = jax.jit(functools.partial(train.train_step, setup=self.setup),
-                        in_shardings=(self.state_shardings, self.batch_sharding),
-                        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                        donate_argnums=(0,))
+    self.step = train.jit_train_step(self.setup, self.state_shardings, self.mesh,
+                                     compiler_options)
 
   def put(self, batch):
     return jax.device_put(batch, self.batch_sharding)
@@ -120,11 +121,12 @@ class JaxStep:
                                    jax.random.key_data(jax.random.key(0)))
       return loss
 
-    backbone = jax.jit(jax.grad(backbone_loss))
-    head = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
-    update = jax.jit(lambda g, o, p: optax.apply_updates(p, setup.optimizer.update(g, o, p)[0]))
-    embed = jax.jit(lambda p, s, x: setup.model.apply({'params': p, 'batch_stats': s}, x,
-                                                      train=False)[0])
+    jit = functools.partial(jax.jit, compiler_options=xla_options.for_mesh(self.mesh))
+    backbone = jit(jax.grad(backbone_loss))
+    head = jit(jax.grad(head_loss, argnums=(0, 1)))
+    update = jit(lambda g, o, p: optax.apply_updates(p, setup.optimizer.update(g, o, p)[0]))
+    embed = jit(lambda p, s, x: setup.model.apply({'params': p, 'batch_stats': s}, x,
+                                                  train=False)[0])
     state = self.state
     embeddings = embed(state.params['backbone'], state.batch_stats, batch['image'])
     grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -232,6 +234,8 @@ def main() -> None:
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument('--no-torch', action='store_true')
   parser.add_argument('--breakdown', action='store_true')
+  parser.add_argument('--xla-defaults', action='store_true',
+                      help="also time our step compiled with XLA's own options, alternated")
   parser.add_argument('--data', default='', help='converted TFRecords to feed the step from')
   parser.add_argument('--profile', default='', help='write a JAX trace of a few steps here')
   args = parser.parse_args()
@@ -248,6 +252,8 @@ def main() -> None:
   peak = measured_bf16_peak(args.device) if args.device == 'gpu' else None
   header = '| model | head | batch | ours img/s | PyTorch img/s | ours / PyTorch |'
   rule = '|---|---|---|---|---|---|'
+  if args.xla_defaults:
+    header, rule = header + ' ours, XLA defaults img/s | ours / XLA defaults |', rule + '---|---|'
   if peak:
     header, rule = header + ' MFU | peak memory |', rule + '---|---|'
   rows = [header, rule]
@@ -263,11 +269,19 @@ def main() -> None:
         if not args.no_torch:
           windows['torch'] = torch_window(model_name, head, batch, args.num_classes, args.steps,
                                           args.device, args.dtype, args.threads)
+        if args.xla_defaults:
+          defaults = JaxStep(config, args.num_classes, args.device, compiler_options={})
+          defaults_batch = defaults.put(batch)
+          windows['XLA defaults'] = defaults.window(lambda: defaults_batch, args.steps)
         seconds = paired_medians(windows, args.warmup, args.windows)
         ours = batch_size * args.steps / seconds['ours']
         theirs = batch_size * args.steps / seconds['torch'] if 'torch' in seconds else None
         row = (f'| {model_name} | {head} | {batch_size} | {ours:.1f} | '
                + ('— | — |' if theirs is None else f'{theirs:.1f} | {ours / theirs:.2f} |'))
+        if args.xla_defaults:
+          before = batch_size * args.steps / seconds['XLA defaults']
+          row += f' {before:.1f} | {ours / before:.2f} |'
+          del defaults
         if peak:
           memory = jax.devices(args.device)[0].memory_stats() or {}
           row += (f' {100 * flops * ours / peak / runner.mesh.size:.1f}% | '

@@ -112,9 +112,7 @@ def make_plan(config, *, num_classes: int) -> Plan:
   }
   state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                        abstract_state, shardings)
-  step = jax.jit(functools.partial(train.train_step, setup=setup),
-                 in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  step = train.jit_train_step(setup, shardings, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   seconds = time.perf_counter() - start

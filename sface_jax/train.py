@@ -28,6 +28,7 @@ from sface_jax import models
 from sface_jax import optim
 from sface_jax import progress
 from sface_jax import sharding
+from sface_jax import xla_options
 from sface_jax.data import convert
 from sface_jax.data import pipeline
 from sface_jax.data import tfrecord
@@ -153,6 +154,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, metrics
 
 
+def jit_train_step(setup: Setup, state_shardings: Any, mesh: jax.sharding.Mesh,
+                   compiler_options: dict[str, str] | None = None):
+  """`train_step` under `jax.jit`: state and batch laid out on `mesh`, the state donated
+  (updated in place), metrics replicated. Training, the planner and the benchmark all
+  compile this one. `compiler_options` default to ours for the mesh's platform
+  (`sface_jax.xla_options`); {} gives XLA's own (the benchmark's before/after)."""
+  if compiler_options is None:
+    compiler_options = xla_options.for_mesh(mesh)
+  return jax.jit(functools.partial(train_step, setup=setup),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,), compiler_options=compiler_options)
+
+
 class _Preemption:
   """Turns SIGTERM (what preemptible TPU VMs send) into a checkpoint and a clean exit."""
 
@@ -236,10 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f'Resuming from step {start_step} ({checkpointer.directory}/{start_step})')
 
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(functools.partial(train_step, setup=setup),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
+  step_fn = jit_train_step(setup, state_shardings, mesh)
   batches = pipeline.train_dataset(
       info, batch_size=config.batch_size, image_size=config.data.image_size,
       seed=config.seed, start_step=start_step, random_flip=config.data.random_flip,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sface_jax import xla_options
 from sface_jax.data import images as images_lib
 
 
@@ -28,7 +29,6 @@ def _apply(target, variables, images):
   return embeddings.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('target', 'out_sharding'))
 def _embed_batch(target, variables, images, out_sharding=None):
   """(image + flip embedding, raw norms of both (B, 2)) for one padded batch."""
   if images.dtype == jnp.uint8:
@@ -93,7 +93,6 @@ def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, ima
   return summed, np.concatenate([batch_norms for _, batch_norms in outputs])
 
 
-@functools.partial(jax.jit, static_argnames=('target', 'out_sharding'))
 def _embed_batch_unflipped(target, variables, images, out_sharding=None):
   """The raw embedding of each image of one padded batch (no flip)."""
   if images.dtype == jnp.uint8:
@@ -122,6 +121,13 @@ def embed_batches(apply_fn_or_model: nn.Module | Callable[..., Any], variables: 
     yield embeddings[0] if flip else embeddings
 
 
+@functools.cache
+def _jitted(embed_fn, platform: str):
+  """`embed_fn` under `jax.jit`, with our compiler options for `platform`."""
+  return jax.jit(embed_fn, static_argnames=('target', 'out_sharding'),
+                 compiler_options=xla_options.compiler_options(platform))
+
+
 def _padded_batch_size(batch_size: int, mesh: Mesh | None) -> int:
   """`batch_size` rounded up to a multiple of the mesh's device count."""
   num_shards = 1 if mesh is None else mesh.devices.size
@@ -141,7 +147,8 @@ def _embed_stream(apply_fn_or_model, variables, batches: Iterable[np.ndarray], *
     variables = _on_mesh(variables, mesh)
   else:
     out_sharding = None
-  embed_fn = _embed_batch if flip else _embed_batch_unflipped
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  embed_fn = _jitted(_embed_batch if flip else _embed_batch_unflipped, platform)
   pending = []
 
   def fetch():

@@ -1,0 +1,50 @@
+"""The CPU compiler options (sface_jax/xla_options.py): convolutions stay on XLA's Eigen
+kernels, reductions and matmuls on YNNPACK, and nothing changes on other platforms."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sface_jax import xla_options
+
+DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _ynn_fused_ops(hlo_text: str) -> set[str]:
+  """The ops inside the YNNPACK fusions of a compiled module."""
+  bodies = {m.group(1): m.group(2)
+            for m in re.finditer(r'^%([\w.\-]+) .*?\{\n(.*?)\n\}', hlo_text, re.M | re.S)}
+  ops = set()
+  for line in hlo_text.splitlines():
+    if '__ynn_fusion' in line:
+      body = bodies[re.search(r'calls=%([\w.\-]+)', line).group(1)]
+      ops |= set(re.findall(r'= \S+ ([a-z\-]+)\(', body))
+  return ops
+
+
+def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
+  x = jnp.ones((8, 28, 28, 16))
+  w = jnp.ones((3, 3, 16, 16))
+
+  def step(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+    return jnp.sum(jax.grad(lambda w: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN) ** 2))(w)) + jnp.mean(y)
+
+  ours = jax.jit(step, compiler_options=xla_options.compiler_options('cpu'))
+  hlo = ours.lower(x, w).compile().as_text()
+  fused = _ynn_fused_ops(hlo)
+  assert 'convolution' not in fused
+  assert 'reduce' in fused  # batch-norm statistics stay on YNNPACK
+  assert 'convolution(' in hlo
+  assert float(ours(x, w)) == pytest.approx(float(jax.jit(step)(x, w)), rel=1e-5)
+
+
+def test_compiler_options_only_for_the_cpu():
+  assert xla_options.compiler_options('gpu') is None
+  assert xla_options.compiler_options('tpu') is None
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
+  assert xla_options.for_mesh(mesh) == xla_options.CPU_COMPILER_OPTIONS
