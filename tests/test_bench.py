@@ -1,11 +1,13 @@
-"""bench/train_step.py runs end to end (a smoke test: it times nothing and asserts no speed).
+"""The benchmark scripts run end to end (smoke tests: they time nothing and assert no speed).
 
-The benchmark's paths that only a GPU session exercises in earnest (the breakdown, feeding
+bench/train_step.py's paths that only a GPU session exercises in earnest (the breakdown, feeding
 from the real pipeline, the PyTorch side) are run here on the tiny model so they cannot rot
 between GPU sessions.
 """
 
 import importlib.util
+
+import pytest
 
 import multi_device
 import synthetic_faces
@@ -16,7 +18,7 @@ def test_train_step_benchmark_runs(tmp_path):
   synthetic_faces.write_dataset(str(data))
   args = ['bench/train_step.py', '--models', 'tiny', '--heads', 'sface', '--batch', '8',
           '--num-classes', '16', '--image-size', '32', '--steps', '1', '--windows', '1',
-          '--breakdown', '--data', str(data)]
+          '--breakdown', '--data', str(data), '--xla-defaults']
   with_torch = importlib.util.find_spec('torch') is not None
   if not with_torch:
     args.append('--no-torch')
@@ -28,6 +30,16 @@ def test_train_step_benchmark_runs(tmp_path):
     assert float(cells[3]) > 0  # ours, img/s
     if with_torch:
       assert float(cells[4]) > 0 and float(cells[5]) > 0  # PyTorch's, and the ratio
+    assert float(cells[6]) > 0 and float(cells[7]) > 0  # ours with XLA's options, the ratio
   for piece in ('backbone fwd+bwd', 'head fwd+bwd', 'optimiser update', 'pipeline alone',
                 'step fed by it'):
     assert piece in out, out
+
+
+def test_conv_layers_benchmark_runs():
+  pytest.importorskip('torch')  # the benchmark is a side-by-side with PyTorch
+  out = multi_device.run_python('bench/conv_layers.py', '--batch', '1', '--repeats', '1',
+                                devices=1).stdout
+  rows = [line for line in out.splitlines() if line.startswith('| ') and '→' in line]
+  assert len(rows) == 17, out  # every distinct convolution of IR-50
+  assert 'JAX / PyTorch time' in out, out
