@@ -13,6 +13,7 @@ JAX and PyTorch run in the same process on the same threads.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -52,7 +53,7 @@ def jax_calls(x, w, stride, pad, options):
     return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   g = np.ones(jax.eval_shape(conv, x, w).shape, np.float32)
-  jit = lambda f: jax.jit(f, compiler_options=options)  # pylint: disable=unnecessary-lambda-assignment
+  jit = functools.partial(jax.jit, compiler_options=options)
   forward = jit(conv)
   input_grad = jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
   kernel_grad = jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])

@@ -2,8 +2,8 @@
 
 On the CPU, jaxlib 0.10's XLA hands convolutions to YNNPACK by default. For the
 convolutions of a face-recognition backbone that is the slow choice: the weight gradient
-of a 3×3 convolution at 56×56×64 (batch 32) takes 150–180 ms through YNNPACK and 32 ms
-through XLA's Eigen kernels (PyTorch/oneDNN: 23 ms), and IR-50's forward+backward at
+of a 3×3 convolution at 56×56×64 (batch 32) takes 119–180 ms through YNNPACK and 32–59 ms
+through XLA's Eigen kernels (PyTorch/oneDNN: 23–26 ms), and IR-50's forward+backward at
 batch 32 drops from 9.1 s to 6.9 s on two cores when convolutions go to Eigen
 (BENCHMARKS.md § Whole training step, "What we tried"). YNNPACK stays on for the
 reductions (batch-norm statistics: turning it off everywhere costs 1.2 s per IR-50 step)
