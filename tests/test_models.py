@@ -145,19 +145,24 @@ def test_outputs_contract(name, side, overrides):
   assert all(jax.tree_util.tree_leaves(changed))
 
 
-@pytest.mark.parametrize('cin,cout,groups,kernel,stride,pad,side', [
-    (8, 8, 8, 3, 1, 1, 9),  # depthwise
-    (8, 8, 8, 3, 2, 1, 8),  # depthwise, stride 2
-    (8, 8, 4, 3, 1, 1, 6),  # 2 in / 2 out per group (arcface_torch's mbf stem)
-    (8, 12, 4, 3, 2, 1, 7),  # 2 in / 3 out per group, odd side
-    (6, 6, 6, 4, 1, 0, 4),  # global depthwise (GDC) on a 4×4 map
+@pytest.mark.parametrize('cin,cout,groups,kernel,stride,padding,side', [
+    (8, 8, 8, 3, 1, ((1, 1), (1, 1)), 9),  # depthwise
+    (8, 8, 8, 3, 2, ((1, 1), (1, 1)), 8),  # depthwise, stride 2
+    (8, 8, 4, 3, 1, ((1, 1), (1, 1)), 6),  # 2 in / 2 out per group (arcface_torch's mbf stem)
+    (8, 12, 4, 3, 2, ((1, 1), (1, 1)), 7),  # 2 in / 3 out per group, odd side
+    (6, 6, 6, 4, 1, ((0, 0), (0, 0)), 4),  # global depthwise (GDC) on a 4×4 map
+    (6, 9, 3, 3, 1, ((0, 2), (1, 0)), 5),  # asymmetric padding, 2 in / 3 out
+    (4, 4, 4, 3, 1, ((3, 3), (3, 3)), 3),  # padding past k − 1 (cropped in the backward)
 ])
-def test_grouped_conv_taps_equals_xla_convolution(cin, cout, groups, kernel, stride, pad, side):
+def test_grouped_conv_taps_equals_xla_convolution(cin, cout, groups, kernel, stride, padding,
+                                                  side):
+  """Value, d/dx and d/dkernel of the tap sum (its hand-written VJP) against XLA's grouped
+  convolution and XLA's own transpose of it, in float32, and in bfloat16 within bf16's
+  resolution."""
   from sface_jax.models import mobilefacenet  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   x = rng.normal(size=(2, side, side, cin)).astype(np.float32)
   w = rng.normal(size=(kernel, kernel, cin // groups, cout)).astype(np.float32)
-  padding = ((pad, pad), (pad, pad))
 
   def taps(x, w):
     return mobilefacenet.grouped_conv_taps(x, w, stride, padding, groups)
@@ -166,20 +171,25 @@ def test_grouped_conv_taps_equals_xla_convolution(cin, cout, groups, kernel, str
     return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                         feature_group_count=groups)
-  @jax.jit
-  def value_and_vjp(x, w, cotangent):
-    results = []
-    for conv in (taps, xla):
-      value, vjp = jax.vjp(conv, x, w)
-      results.append((value, *vjp(cotangent)))
-    return results
 
-  out_side = (side + 2 * pad - kernel) // stride + 1
-  cotangent = rng.normal(size=(2, out_side, out_side, cout)).astype(np.float32)
-  got, expected = value_and_vjp(x, w, cotangent)
-  assert got[0].shape == (2, out_side, out_side, cout)
-  for a, b in zip(got, expected):  # output, d/dx, d/dkernel
+  def value_and_vjp(conv, dtype):
+    @jax.jit
+    def run(x, w, cotangent):
+      value, vjp = jax.vjp(conv, x.astype(dtype), w.astype(dtype))
+      return [a.astype(jnp.float32) for a in (value, *vjp(cotangent.astype(dtype)))]
+    return run
+
+  out_h = (side + sum(padding[0]) - kernel) // stride + 1
+  out_w = (side + sum(padding[1]) - kernel) // stride + 1
+  cotangent = rng.normal(size=(2, out_h, out_w, cout)).astype(np.float32)
+  expected = value_and_vjp(xla, jnp.float32)(x, w, cotangent)
+  got = value_and_vjp(taps, jnp.float32)(x, w, cotangent)
+  got16 = value_and_vjp(taps, jnp.bfloat16)(x, w, cotangent)
+  assert got[0].shape == (2, out_h, out_w, cout)
+  for a, a16, b in zip(got, got16, expected):  # output, d/dx, d/dkernel
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    scale = np.max(np.abs(b))
+    np.testing.assert_allclose(a16, b, atol=0.03 * scale)
 
 
 def test_input_side_must_be_divisible_by_16():

@@ -21,10 +21,10 @@ Grouped and depthwise convolutions on the CPU: XLA:CPU runs `feature_group_count
 convolutions through a slow generic loop, many times slower than the same arithmetic
 written as nine shifted multiply-adds (`python bench/backbone.py --models mbf
 --grouped_conv taps|xla` compares the two).
-`grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses; 'xla'
-uses `lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto'
-(default) picks 'taps' only when tracing for the CPU backend, where it was measured to help.
-Same result, same parameters.
+`grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses, with a
+hand-written backward (`grouped_conv_taps`); 'xla' uses `lax.conv_general_dilated` (cuDNN
+and TPUs have fast depthwise kernels); 'auto' (default) picks 'taps' only when tracing for
+the CPU backend, where it was measured to help. Same result, same parameters.
 """
 
 import functools
@@ -40,6 +40,49 @@ Array = jax.Array
 Dtype = Any
 
 
+def _tap_windows(x: Array, kh: int, kw: int, stride: int, out_h: int, out_w: int):
+  """(i, j, x[:, s·p + i, s·q + j]) for every kernel tap: the strided input slice it sees."""
+  for i in range(kh):
+    for j in range(kw):
+      yield i, j, jax.lax.slice(
+          x, (0, i, j) + (0,) * (x.ndim - 3),
+          (x.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1) + x.shape[3:],
+          (1, stride, stride) + (1,) * (x.ndim - 3))
+
+
+def _pad(x: Array, padding: Sequence[Tuple[int, int]]) -> Array:
+  """Spatial padding of (B, H, W, ...); negative amounts crop (lax.pad's convention)."""
+  config = [(0, 0, 0), (*padding[0], 0), (*padding[1], 0)] + [(0, 0, 0)] * (x.ndim - 3)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _split_groups(x: Array, groups: int) -> Array:
+  """(..., C) → (..., groups, C / groups): channel g·(C / groups) + c at [..., g, c]."""
+  return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def _taps_forward(x: Array, kernel: Array, stride: int,
+                  padding: Sequence[Tuple[int, int]], groups: int) -> Array:
+  """y[b, p, q, g, o] = Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, g, c] · kernel[i, j, c, g, o].
+
+  Channels are split as (groups, per group): each term is input channel c of every group,
+  broadcast over the group's outputs, times a (groups, group_out) slice of the kernel, so
+  the whole sum is one element-wise loop that XLA fuses, reading the input once per tap.
+  """
+  kh, kw, group_in, features = kernel.shape
+  x = _split_groups(_pad(x, padding), groups)
+  kernel = kernel.reshape(kh, kw, group_in, groups, features // groups)
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  y = None
+  for c in range(group_in):
+    for i, j, window in _tap_windows(x[..., c:c + 1], kh, kw, stride, out_h, out_w):
+      term = window * kernel[i, j, c]
+      y = term if y is None else y + term
+  return y.reshape(*y.shape[:3], features)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def grouped_conv_taps(x: Array, kernel: Array, stride: int,
                       padding: Sequence[Tuple[int, int]], groups: int) -> Array:
   """A grouped convolution as Σ over kernel taps of shifted, strided input slices.
@@ -47,32 +90,52 @@ def grouped_conv_taps(x: Array, kernel: Array, stride: int,
   x (B, H, W, C_in), kernel (kh, kw, C_in/groups, C_out) in Flax's HWIO layout with
   output channel o in group o // (C_out/groups): y[b, p, q, o] =
   Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, g·C_in/groups + c] · kernel[i, j, c, o].
-  Depthwise (one input and one output channel per group) is a plain product per tap.
+
+  The gradient is written out (`_taps_backward`) because XLA's own transpose of the sum
+  computes the kernel gradient as one reduction per tap, each reading the input and the
+  output gradient again (3-4× slower than PyTorch's depthwise backward at stride 1).
   """
+  return _taps_forward(x, kernel, stride, padding, groups)
+
+
+def _taps_forward_with_residuals(x, kernel, stride, padding, groups):
+  return _taps_forward(x, kernel, stride, padding, groups), (x, kernel)
+
+
+def _taps_backward(stride, padding, groups, residuals, dy):
+  """d/dx: at stride 1, the same tap sum over dy with the kernel flipped and each group's
+  (in, out) swapped, padded by k − 1 − p; at stride s > 1, XLA's transpose of the
+  forward (its strided-slice transposes fuse into one loop, and a dilated dy would be
+  s² times larger). d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] ·
+  dy[b, p, q, g, o]: all taps in one variadic reduction that reads x and dy once,
+  accumulated in float32.
+  """
+  x, kernel = residuals
   kh, kw, group_in, features = kernel.shape
   group_out = features // groups
-  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  out_h = (x.shape[1] - kh) // stride + 1
-  out_w = (x.shape[2] - kw) // stride + 1
-  if group_in == 1 and group_out == 1:
-    inputs = [x]
+  if stride == 1:
+    flipped = kernel[::-1, ::-1].reshape(kh, kw, group_in, groups, group_out)
+    transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, group_out, x.shape[-1])
+    dx = _taps_forward(dy, transposed, 1,
+                       ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                        (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
   else:
-    # Input channel c of every group, repeated for each of the group's outputs, so that
-    # each tap is a per-channel product (fused by XLA) instead of a batched matmul of
-    # group_in × group_out matrices (arcface_torch's stem: 2 × 2), which is ~10× slower.
-    grouped = x.reshape(*x.shape[:3], groups, group_in)
-    inputs = [jnp.repeat(grouped[..., c], group_out, axis=-1) for c in range(group_in)]
-  y = None
-  for c, source in enumerate(inputs):
-    for i in range(kh):
-      for j in range(kw):
-        window = jax.lax.slice(source, (0, i, j, 0),
-                               (source.shape[0], i + stride * (out_h - 1) + 1,
-                                j + stride * (out_w - 1) + 1, source.shape[3]),
-                               (1, stride, stride, 1))
-        term = window * kernel[i, j, c]
-        y = term if y is None else y + term
-  return y
+    _, transpose = jax.vjp(lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
+    dx, = transpose(dy)
+  out_h, out_w = dy.shape[1:3]
+  grouped_x = _split_groups(_pad(x, padding), groups).astype(jnp.float32)
+  grouped_dy = _split_groups(dy, groups).astype(jnp.float32)
+  products = [window * grouped_dy
+              for c in range(group_in)
+              for _, _, window in _tap_windows(grouped_x[..., c:c + 1], kh, kw, stride,
+                                               out_h, out_w)]
+  sums = jax.lax.reduce(products, [jnp.float32(0)] * len(products),
+                        lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+  dkernel = jnp.stack(sums).reshape(group_in, kh, kw, features).transpose(1, 2, 0, 3)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+grouped_conv_taps.defvjp(_taps_forward_with_residuals, _taps_backward)
 
 
 class GroupedConv(nn.Module):
