@@ -25,6 +25,11 @@ background load; each window ends when the device is idle (`block_until_ready`,
 Threads on the CPU: torch gets `set_num_threads(T)`, T = the CPUs this process may use; XLA
 sizes its pool from the same count. On a GPU the PyTorch side runs as arcface_torch does:
 `torch.autocast(bfloat16)` with the model in `channels_last`; its loss stays float32.
+Host memory: both sides share the process's malloc, so `GLIBC_TUNABLES` (which
+`python -m sface_jax.main` sets on CPU runs, sface_jax/cpu_memory.py) applies to both; compare
+a run under glibc's defaults with one under ours,
+`GLIBC_TUNABLES=$(python -c 'from sface_jax import cpu_memory; print(cpu_memory.TUNABLES)')`.
+Each row also prints every side's minor page faults per step.
 
 `--xla-defaults` adds a third side, alternated with the other two: our step compiled with
 XLA's own options instead of `sface_jax.xla_options` (the before/after of that choice).
@@ -44,8 +49,10 @@ import functools
 import os
 import pathlib
 import platform
+import resource
+import statistics
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -62,6 +69,16 @@ from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from sface_jax import models, sharding, train, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Window = Callable[[], None]  # runs `--steps` steps and waits for the device
+
+
+def counting_faults(window: Window, counts: List[int]) -> Window:
+  """`window`, appending the minor page faults the process took during it to `counts`
+  (fresh pages the kernel had to map and zero: see sface_jax/cpu_memory.py)."""
+  def run():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    window()
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  return run
 
 
 def step_config(model: str, head: str, batch: int, dtype: str, image_size: int):
@@ -246,6 +263,7 @@ def main() -> None:
   if not args.no_torch:
     import torch  # pylint: disable=g-import-not-at-top
     print(f'torch {torch.__version__}, torch.set_num_threads({args.threads})')
+  print(f'GLIBC_TUNABLES: {os.environ.get("GLIBC_TUNABLES", "unset (glibc defaults)")}')
   print(f'{args.num_classes} classes, {args.image_size}×{args.image_size}, {args.dtype}; '
         f'median of {args.windows} windows of {args.steps} steps after {args.warmup} warm-up; '
         f'load average {os.getloadavg()[0]:.1f}\n')
@@ -273,7 +291,10 @@ def main() -> None:
           defaults = JaxStep(config, args.num_classes, args.device, compiler_options={})
           defaults_batch = defaults.put(batch)
           windows['XLA defaults'] = defaults.window(lambda: defaults_batch, args.steps)
-        seconds = paired_medians(windows, args.warmup, args.windows)
+        faults = {name: [] for name in windows}
+        seconds = paired_medians({name: counting_faults(window, faults[name])
+                                  for name, window in windows.items()},
+                                 args.warmup, args.windows)
         ours = batch_size * args.steps / seconds['ours']
         theirs = batch_size * args.steps / seconds['torch'] if 'torch' in seconds else None
         row = (f'| {model_name} | {head} | {batch_size} | {ours:.1f} | '
@@ -288,6 +309,9 @@ def main() -> None:
                   f'{memory.get("peak_bytes_in_use", 0) / 2**30:.1f} GiB |')
         rows.append(row)
         print(row, f'  (load average {os.getloadavg()[0]:.1f})', flush=True)
+        print('    minor page faults per step: ' + ', '.join(
+            f'{name} {statistics.median(counts) / args.steps:,.0f}'
+            for name, counts in faults.items()))
         if args.breakdown:
           parts = paired_medians({'whole step': windows['ours'],
                                   **runner.pieces(device_batch, args.steps)},

@@ -11,6 +11,10 @@ them: `--multihost --coordinator=host0:1234 --num_processes=2 --process_id=<0 or
 import os
 import sys
 
+if __name__ == '__main__':  # before anything is imported or done twice
+  from sface_jax import cpu_memory  # pylint: disable=g-import-not-at-top
+  cpu_memory.reexec_with_tunables()  # CPU runs: reuse freed host memory (its docstring)
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data's C++ start-up chatter
 
 

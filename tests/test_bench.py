@@ -36,10 +36,11 @@ def test_train_step_benchmark_runs(tmp_path):
     assert piece in out, out
 
 
-def test_conv_layers_benchmark_runs():
+@pytest.mark.parametrize('model,extra', [('r50', ()), ('mbf', ('--xla-transpose',))])
+def test_conv_layers_benchmark_runs(model, extra):
   pytest.importorskip('torch')  # the benchmark is a side-by-side with PyTorch
-  out = multi_device.run_python('bench/conv_layers.py', '--batch', '1', '--repeats', '1',
-                                devices=1).stdout
+  out = multi_device.run_python('bench/conv_layers.py', '--model', model, '--batch', '1',
+                                '--repeats', '1', *extra, devices=1).stdout
   rows = [line for line in out.splitlines() if line[:3].strip('| ').isdigit()]
-  assert len(rows) == 17, out  # every distinct convolution of IR-50
-  assert 'JAX / PyTorch time' in out, out
+  assert len(rows) == 17, out  # every distinct convolution of the model
+  assert f'{model} total' in out and 'JAX / PyTorch time' in out, out
