@@ -11,9 +11,10 @@ in one heap for the next step to reuse:
   glibc.malloc.arena_max=1        one heap for all threads (thread arenas are mmap'd heaps)
   glibc.malloc.trim_threshold=2⁴⁰  never give the heap's top back to the OS
 
-With all three the step faults no page after warm-up; any two of them still fault as much
-as the defaults (BENCHMARKS.md § Host memory has the figures and the commands). The cost:
-the process keeps its peak heap until it exits, which a training run reaches every step.
+With all three a step faults at most a few hundred pages after warm-up; any two of them
+still fault as much as the defaults (BENCHMARKS.md § Host memory has the figures and the
+commands). The cost: the process keeps its peak heap until it exits, which a training run
+reaches every step anyway.
 
 glibc reads GLIBC_TUNABLES only when a process starts, so `reexec_with_tunables()` restarts
 the command once with them (same interpreter, same argv), and only when all of these hold:
