@@ -14,6 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ON_GLIBC = sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
 
 
+def _environ_without_tunables() -> dict:
+  return {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+
+
 @pytest.mark.parametrize('environ,expected', [
     ({'JAX_PLATFORMS': 'cpu'}, True),
     ({'JAX_PLATFORMS': 'cuda,cpu'}, False),
@@ -55,7 +59,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_tunables_stop_the_page_faults_of_freed_buffers(tunables):
   """Under glibc's defaults every 64 MB block is faulted in anew (16 k pages each, so at
   least 3 × 16 k for three); with the tunables the second round reuses the first's pages."""
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env = _environ_without_tunables()
   if tunables is not None:
     env['GLIBC_TUNABLES'] = tunables
   out = subprocess.run([sys.executable, '-c', _CHURN], env=env, capture_output=True, text=True,
@@ -69,7 +73,7 @@ def test_tunables_stop_the_page_faults_of_freed_buffers(tunables):
 
 @pytest.mark.skipif(not ON_GLIBC, reason='glibc tunables')
 def test_the_cli_restarts_itself_once_with_the_tunables():
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env = _environ_without_tunables()
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   probe = ('from sface_jax import cpu_memory; cpu_memory.reexec_with_tunables(); '
            'import os; print(os.environ["GLIBC_TUNABLES"])')
