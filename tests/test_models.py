@@ -5,6 +5,7 @@ pass, no weights allocated); anything that runs uses the `tiny` preset at 32–6
 """
 
 import pathlib
+import re
 import textwrap
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 import multi_device
 
 from sface_jax import models
+from sface_jax import xla_options
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -190,6 +192,23 @@ def test_grouped_conv_taps_equals_xla_convolution(cin, cout, groups, kernel, str
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     scale = np.max(np.abs(b))
     np.testing.assert_allclose(a16, b, atol=0.03 * scale)
+
+
+def test_tap_sum_is_compiled_once_not_into_each_consumer():
+  """XLA fuses cheap element-wise producers into every consumer; `_taps_forward` puts the
+  tap sum behind a conditional so that three consumers read one result. Without it, the
+  sum's nine slices are compiled into each consumer's fusion (four fused computations)."""
+  from sface_jax.models import mobilefacenet  # pylint: disable=g-import-not-at-top
+
+  def three_consumers(x, w):
+    y = mobilefacenet.grouped_conv_taps(x, w, 1, ((1, 1), (1, 1)), 8)
+    return y - y.mean(axis=(0, 1, 2)), jnp.where(y > 0, y, 0.25 * y), jnp.exp(y)
+
+  compiled = jax.jit(three_consumers, compiler_options=xla_options.compiler_options('cpu')
+                    ).lower(jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 1, 8))).compile()
+  computations = re.split(r'\n(?=\S.*\{\n)', compiled.as_text())
+  with_the_taps = [c for c in computations if len(re.findall(r' slice\(', c)) >= 9]
+  assert 1 <= len(with_the_taps) <= 2  # the conditional's two (identical) branches
 
 
 def test_input_side_must_be_divisible_by_16():

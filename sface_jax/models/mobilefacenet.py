@@ -61,8 +61,8 @@ def _split_groups(x: Array, groups: int) -> Array:
   return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
 
 
-def _taps_forward(x: Array, kernel: Array, stride: int,
-                  padding: Sequence[Tuple[int, int]], groups: int) -> Array:
+def _tap_sum(x: Array, kernel: Array, stride: int,
+             padding: Sequence[Tuple[int, int]], groups: int) -> Array:
   """y[b, p, q, g, o] = Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, g, c] · kernel[i, j, c, g, o].
 
   Channels are split as (groups, per group): each term is input channel c of every group,
@@ -80,6 +80,27 @@ def _taps_forward(x: Array, kernel: Array, stride: int,
       term = window * kernel[i, j, c]
       y = term if y is None else y + term
   return y.reshape(*y.shape[:3], features)
+
+
+def _taps_forward(x: Array, kernel: Array, stride: int,
+                  padding: Sequence[Tuple[int, int]], groups: int) -> Array:
+  """`_tap_sum`, written to memory once for all its consumers.
+
+  XLA counts the sum's slices, multiplies and adds as cheap and fuses them into every
+  element-wise consumer, so without a boundary a tap sum was computed again in each of
+  batch norm's fusions and in the backward: the grouped stem's 18-term sum six times per
+  step, every depthwise input gradient twice (15% of MobileFaceNet's forward+backward on
+  two cores, BENCHMARKS.md § MobileFaceNet's convolutions). XLA:CPU removes
+  `lax.optimization_barrier` before fusion, but it does not fuse across a conditional, so
+  the sum runs inside `lax.cond` whose two branches are the same computation: the result
+  is the tap sum whatever the predicate (any value read at run time, so that XLA cannot
+  fold the conditional away).
+  """
+  def tap_sum(x, kernel):
+    return _tap_sum(x, kernel, stride, padding, groups)
+
+  any_predicate = kernel.ravel()[0] == kernel.ravel()[0]
+  return jax.lax.cond(any_predicate, tap_sum, tap_sum, x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
