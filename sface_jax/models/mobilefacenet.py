@@ -89,8 +89,8 @@ def _taps_forward(x: Array, kernel: Array, stride: int,
   XLA counts the sum's slices, multiplies and adds as cheap and fuses them into every
   element-wise consumer, so without a boundary a tap sum was computed again in each of
   batch norm's fusions and in the backward: the grouped stem's 18-term sum six times per
-  step, every depthwise input gradient twice (15% of MobileFaceNet's forward+backward on
-  two cores, BENCHMARKS.md § MobileFaceNet's convolutions). XLA:CPU removes
+  step, every depthwise input gradient twice (a fifth of MobileFaceNet's forward+backward
+  time on two cores, BENCHMARKS.md § MobileFaceNet: one tap sum). XLA:CPU removes
   `lax.optimization_barrier` before fusion, but it does not fuse across a conditional, so
   the sum runs inside `lax.cond` whose two branches are the same computation: the result
   is the tap sum whatever the predicate (any value read at run time, so that XLA cannot
