@@ -72,7 +72,7 @@ def best_ms(call, repeats: int) -> float:
 
 def jax_calls(x, w, stride, pad, groups, options, xla_transpose=False):
   padding = ((pad, pad), (pad, pad))
-  taps = mobilefacenet._taps_forward if xla_transpose else mobilefacenet.grouped_conv_taps  # pylint: disable=protected-access
+  taps = mobilefacenet._tap_sum if xla_transpose else mobilefacenet.grouped_conv_taps  # pylint: disable=protected-access
 
   def conv(x, w):
     if groups > 1:

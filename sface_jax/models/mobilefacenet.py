@@ -125,9 +125,9 @@ def _taps_forward_with_residuals(x, kernel, stride, padding, groups):
 
 def _taps_backward(stride, padding, groups, residuals, dy):
   """d/dx: at stride 1, the same tap sum over dy with the kernel flipped and each group's
-  (in, out) swapped, padded by k − 1 − p; at stride s > 1, XLA's transpose of the
-  forward (its strided-slice transposes fuse into one loop, and a dilated dy would be
-  s² times larger). d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] ·
+  (in, out) swapped, padded by k − 1 − p; at stride s > 1, the transpose of the (linear)
+  forward in x, without computing the forward again (its strided-slice transposes fuse
+  into one loop, and a dilated dy would be s² times larger). d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] ·
   dy[b, p, q, g, o]: all taps in one variadic reduction that reads x and dy once,
   accumulated in float32.
   """
@@ -141,7 +141,8 @@ def _taps_backward(stride, padding, groups, residuals, dy):
                        ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
                         (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
   else:
-    _, transpose = jax.vjp(lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
+    transpose = jax.linear_transpose(
+        lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
     dx, = transpose(dy)
   out_h, out_w = dy.shape[1:3]
   grouped_x = _split_groups(_pad(x, padding), groups).astype(jnp.float32)
