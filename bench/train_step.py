@@ -18,8 +18,10 @@ zhongyy/SFace's loss for SFace, its sigmoid weights without gradient), `F.cross_
 and `torch.optim.SGD(momentum=0.9, weight_decay=5e-4)` over the backbone and the (C, D)
 centre matrix. Both see the same random images and labels.
 
-METHOD. Each side first runs `--warmup` windows (our first also compiles); then windows of
-`--steps` steps alternate, ours then PyTorch's, `--windows` times, so that both see the same
+METHOD. The sides first run warm-up windows in alternation (our first also compiles): at
+least `--warmup` rounds, and on while a side's heap is still growing (`warm_up`: more than
+1,000 page faults per step, at most `--max-warmup` rounds); then windows of `--steps` steps
+alternate, ours then PyTorch's, `--windows` times, so that both see the same
 background load; each window ends when the device is idle (`block_until_ready`,
 `torch.cuda.synchronize`). Reported: the median window, as images/s, and the ratio.
 Threads on the CPU: torch gets `set_num_threads(T)`, T = the CPUs this process may use; XLA
@@ -38,9 +40,11 @@ head's loss and gradient on fixed embeddings; the optimiser update alone) next t
 step, so a slow piece shows. `--data DIR` feeds our step from the real input pipeline
 (`sface_jax.data.pipeline` over converted TFRecords, e.g. `python -m sface_jax.tools.convert
 --input ../shared/data/orl/insightface --output /tmp/orl112`) and also times the pipeline
-alone, so a slow pipeline cannot hide. On a GPU, `--profile DIR` writes a JAX profiler trace
-of a few steps (TensorBoard's profile plugin reads it), MFU is model FLOPs (3 × 2 × dense
-MACs per image) over a measured bf16 matmul rate, and peak device memory is reported.
+alone, so a slow pipeline cannot hide. `--profile DIR` writes a JAX profiler trace of one
+window (TensorBoard's profile plugin reads it) and the compiled step, and prints where the
+time went, by kind of operation and part of the step (bench/profile_summary.py). On a GPU,
+MFU is model FLOPs (3 × 2 × dense MACs per image) over a measured bf16 matmul rate, and peak
+device memory is reported.
 """
 
 import argparse
@@ -65,6 +69,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-import-not-at-top,wrong-import-position
+import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax import models, sharding, train, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -79,6 +84,34 @@ def counting_faults(window: Window, counts: List[int]) -> Window:
     window()
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   return run
+
+
+# Minor page faults per step below which a side's heap counts as settled (4 MiB of fresh pages).
+SETTLED_FAULTS = 1_000
+
+
+def warm_up(windows: Dict[str, Window], faults: Dict[str, List[int]], steps: int,
+            min_rounds: int, max_rounds: int) -> int:
+  """Runs the sides' windows in alternation, as they will be timed: at least `min_rounds`
+  rounds, and on until a round in which no side faulted more than SETTLED_FAULTS pages per
+  step, or `max_rounds`. Returns the rounds run.
+
+  Why: on the CPU both sides share one malloc heap (sface_jax/cpu_memory.py's tunables), and
+  the heap keeps growing, each new page a page fault, for the first few alternations of
+  XLA's and PyTorch's step buffers: on 2026-12-02 an IR-50 step faulted 1.0 M, 0.55 M and
+  0.10 M pages in its first three rounds, then none, with the heap settled at 8.2 GiB (5.4
+  without PyTorch in the process). A fixed single warm-up left that growth in the timed
+  windows of some runs.
+  """
+  rounds = 0
+  while rounds < max_rounds:
+    for window in windows.values():
+      window()
+    rounds += 1
+    if rounds >= min_rounds and all(counts[-1] <= SETTLED_FAULTS * steps
+                                    for counts in faults.values()):
+      break
+  return rounds
 
 
 def step_config(model: str, head: str, batch: int, dtype: str, image_size: int):
@@ -245,7 +278,9 @@ def main() -> None:
   parser.add_argument('--image-size', type=int, default=112)
   parser.add_argument('--steps', type=int, default=2, help='steps per timed window')
   parser.add_argument('--windows', type=int, default=3)
-  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--warmup', type=int, default=1, help='warm-up rounds, at least')
+  parser.add_argument('--max-warmup', type=int, default=6,
+                      help='warm-up rounds at most, while a side keeps faulting (warm_up)')
   parser.add_argument('--device', default='cpu', choices=['cpu', 'gpu'])
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
@@ -254,7 +289,9 @@ def main() -> None:
   parser.add_argument('--xla-defaults', action='store_true',
                       help="also time our step compiled with XLA's own options, alternated")
   parser.add_argument('--data', default='', help='converted TFRecords to feed the step from')
-  parser.add_argument('--profile', default='', help='write a JAX trace of a few steps here')
+  parser.add_argument('--profile', default='',
+                      help='write a JAX trace of a window and the compiled step under this '
+                      'folder, and print where the time went (bench/profile_summary.py)')
   args = parser.parse_args()
 
   print(f'date {datetime.date.today()}  host {platform.node()}  '
@@ -265,7 +302,8 @@ def main() -> None:
     print(f'torch {torch.__version__}, torch.set_num_threads({args.threads})')
   print(f'GLIBC_TUNABLES: {os.environ.get("GLIBC_TUNABLES", "unset (glibc defaults)")}')
   print(f'{args.num_classes} classes, {args.image_size}×{args.image_size}, {args.dtype}; '
-        f'median of {args.windows} windows of {args.steps} steps after {args.warmup} warm-up; '
+        f'median of {args.windows} windows of {args.steps} steps after {args.warmup}–'
+        f'{args.max_warmup} warm-up rounds; '
         f'load average {os.getloadavg()[0]:.1f}\n')
   peak = measured_bf16_peak(args.device) if args.device == 'gpu' else None
   header = '| model | head | batch | ours img/s | PyTorch img/s | ours / PyTorch |'
@@ -292,9 +330,12 @@ def main() -> None:
           defaults_batch = defaults.put(batch)
           windows['XLA defaults'] = defaults.window(lambda: defaults_batch, args.steps)
         faults = {name: [] for name in windows}
-        seconds = paired_medians({name: counting_faults(window, faults[name])
-                                  for name, window in windows.items()},
-                                 args.warmup, args.windows)
+        counted = {name: counting_faults(window, faults[name])
+                   for name, window in windows.items()}
+        rounds = warm_up(counted, faults, args.steps, args.warmup, args.max_warmup)
+        for counts in faults.values():
+          counts.clear()
+        seconds = paired_medians(counted, 0, args.windows)
         ours = batch_size * args.steps / seconds['ours']
         theirs = batch_size * args.steps / seconds['torch'] if 'torch' in seconds else None
         row = (f'| {model_name} | {head} | {batch_size} | {ours:.1f} | '
@@ -309,7 +350,7 @@ def main() -> None:
                   f'{memory.get("peak_bytes_in_use", 0) / 2**30:.1f} GiB |')
         rows.append(row)
         print(row, f'  (load average {os.getloadavg()[0]:.1f})', flush=True)
-        print('    minor page faults per step: ' + ', '.join(
+        print(f'    warm-up: {rounds} round(s); minor page faults per timed step: ' + ', '.join(
             f'{name} {statistics.median(counts) / args.steps:,.0f}'
             for name, counts in faults.items()))
         if args.breakdown:
@@ -330,9 +371,17 @@ def main() -> None:
           for name, value in fed.items():
             print(f'    {name:<18s} {batch_size * args.steps / value:8.1f} img/s')
         if args.profile:
-          with jax.profiler.trace(args.profile):
+          trace_dir = os.path.join(args.profile, f'{model_name}_{head}_{batch_size}')
+          with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             runner.window(lambda: device_batch, args.steps)()
-          print(f'    trace written to {args.profile}')
+          hlo = runner.step.lower(runner.state, device_batch).compile().as_text()
+          with open(os.path.join(trace_dir, 'train_step.hlo'), 'w') as f:
+            f.write(hlo)
+          print(f'    trace and compiled step written to {trace_dir}\n')
+          try:  # the GPU trace's layout is untested here: a surprise must not end the run
+            print(profile_summary.summarize(trace_dir, hlo, args.steps) + '\n')
+          except (ValueError, KeyError, FileNotFoundError) as error:
+            print(f'    no summary of the trace ({error!r}); TensorBoard still reads it\n')
         del runner
   print()
   print('\n'.join(rows))

@@ -129,19 +129,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   dropout_rng, head_rng = jax.random.split(step_rng)
 
+  # The named scopes label the compiled operations (and so profiles: bench/profile_summary.py)
+  # by part; autodiff wraps them as jvp(...) in the forward and transpose(jvp(...)) backward.
   def loss_fn(params):
-    (embeddings, _), updates = setup.model.apply(
-        {'params': params['backbone'], 'batch_stats': state.batch_stats},
-        batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    loss, head_state, head_metrics = setup.head_loss(
-        embeddings, batch['label'], params['classifier'], state.head_state, state.step,
-        jax.random.key_data(head_rng))
+    with jax.named_scope('backbone'):
+      (embeddings, _), updates = setup.model.apply(
+          {'params': params['backbone'], 'batch_stats': state.batch_stats},
+          batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    with jax.named_scope('head'):
+      loss, head_state, head_metrics = setup.head_loss(
+          embeddings, batch['label'], params['classifier'], state.head_state, state.step,
+          jax.random.key_data(head_rng))
     return loss, (updates['batch_stats'], head_state, head_metrics)
 
   (loss, (batch_stats, head_state, head_metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope('optimiser'):
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   metrics = {
       'loss': loss,
       'learning_rate': setup.schedule(state.step),

@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end (smoke tests: they time nothing and assert no speed).
 
 bench/train_step.py's paths that only a GPU session exercises in earnest (the breakdown, feeding
-from the real pipeline, the PyTorch side) are run here on the tiny model so they cannot rot
+from the real pipeline, the PyTorch side, the profile) are run here on the tiny model so they cannot rot
 between GPU sessions.
 """
 
@@ -18,7 +18,7 @@ def test_train_step_benchmark_runs(tmp_path):
   synthetic_faces.write_dataset(str(data))
   args = ['bench/train_step.py', '--models', 'tiny', '--heads', 'sface', '--batch', '8',
           '--num-classes', '16', '--image-size', '32', '--steps', '1', '--windows', '1',
-          '--breakdown', '--data', str(data), '--xla-defaults']
+          '--breakdown', '--data', str(data), '--xla-defaults', '--profile', str(tmp_path / 'p')]
   with_torch = importlib.util.find_spec('torch') is not None
   if not with_torch:
     args.append('--no-torch')
@@ -34,6 +34,11 @@ def test_train_step_benchmark_runs(tmp_path):
   for piece in ('backbone fwd+bwd', 'head fwd+bwd', 'optimiser update', 'pipeline alone',
                 'step fed by it'):
     assert piece in out, out
+  # --profile: the trace and the compiled step are written, and where the time went printed
+  assert (tmp_path / 'p' / 'tiny_sface_8' / 'train_step.hlo').is_file()
+  convolutions = next(line for line in out.splitlines() if line.startswith('| convolution |'))
+  forward, backward = (float(cell) for cell in convolutions.split('|')[2:4])
+  assert forward > 0 and backward > 0, out  # the scopes of train.train_step were found
 
 
 @pytest.mark.parametrize('model,extra', [('r50', ()), ('mbf', ('--xla-transpose',))])
