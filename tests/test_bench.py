@@ -18,7 +18,8 @@ def test_train_step_benchmark_runs(tmp_path):
   synthetic_faces.write_dataset(str(data))
   args = ['bench/train_step.py', '--models', 'tiny', '--heads', 'sface', '--batch', '8',
           '--num-classes', '16', '--image-size', '32', '--steps', '1', '--windows', '1',
-          '--breakdown', '--data', str(data), '--xla-defaults', '--profile', str(tmp_path / 'p')]
+          '--breakdown', '--data', str(data), '--xla-defaults', '--profile', str(tmp_path / 'p'),
+          '--max-warmup', '2']
   with_torch = importlib.util.find_spec('torch') is not None
   if not with_torch:
     args.append('--no-torch')
