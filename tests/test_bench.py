@@ -1,8 +1,8 @@
 """The benchmark scripts run end to end (smoke tests: they time nothing and assert no speed).
 
 bench/train_step.py's paths that only a GPU session exercises in earnest (the breakdown, feeding
-from the real pipeline, the PyTorch side, the profile) are run here on the tiny model so they cannot rot
-between GPU sessions.
+from the real pipeline, the PyTorch side, the profile) are run here on the tiny model so they
+cannot rot between GPU sessions.
 """
 
 import importlib.util
