@@ -201,7 +201,8 @@ def exclusive_times(spans: List[Tuple[str, float, float]]) -> Dict[str, float]:
   return totals
 
 
-def _ms(microseconds: float) -> str:
+def ms(microseconds: float) -> str:
+  """Microseconds as milliseconds for the tables, 1,234.5."""
   return f'{microseconds / 1e3:,.1f}'
 
 
@@ -227,23 +228,23 @@ def summarize(trace_dir: str, hlo_text: str, steps: int = 0, top: int = 12) -> s
     op = ops.get(name, unknown)
     table[op.kind, op.part] += us
   covered = sum(per_op.values())
-  lines = [f'{module}: {steps} step(s), {_ms(wall)} ms wall per step, {_ms(covered)} ms covered '
+  lines = [f'{module}: {steps} step(s), {ms(wall)} ms wall per step, {ms(covered)} ms covered '
            f'by its operations ({100 * covered / wall:.0f}%)', '',
            '| kind \\ ms per step | ' + ' | '.join(PARTS) + ' | all | share |',
            '|---|' + '---:|' * (len(PARTS) + 2)]
   for kind in KINDS:
     row = [table[kind, part] for part in PARTS]
     if sum(row):
-      lines.append(f'| {kind} | ' + ' | '.join(_ms(v) for v in row)
-                   + f' | {_ms(sum(row))} | {100 * sum(row) / covered:.0f}% |')
+      lines.append(f'| {kind} | ' + ' | '.join(ms(v) for v in row)
+                   + f' | {ms(sum(row))} | {100 * sum(row) / covered:.0f}% |')
   totals = [sum(table[kind, part] for kind in KINDS) for part in PARTS]
-  lines += ['| **all** | ' + ' | '.join(_ms(v) for v in totals) + f' | {_ms(covered)} | 100% |',
+  lines += ['| **all** | ' + ' | '.join(ms(v) for v in totals) + f' | {ms(covered)} | 100% |',
             '', '| slowest operations | kind | shape | ms per step | scope |',
             '|---|---|---|---:|---|']
   for name, us in sorted(per_op.items(), key=lambda item: -item[1])[:top]:
     op = ops.get(name, unknown)
     where = op.scope or f'({op.part}: made by XLA, no scope of its own)'
-    lines.append(f'| {name} | {op.kind} | `{_short(op.shape)}` | {_ms(us)} | {where} |')
+    lines.append(f'| {name} | {op.kind} | `{_short(op.shape)}` | {ms(us)} | {where} |')
   return '\n'.join(lines)
 
 

@@ -42,7 +42,9 @@ step, so a slow piece shows. `--data DIR` feeds our step from the real input pip
 --input ../shared/data/orl/insightface --output /tmp/orl112`) and also times the pipeline
 alone, so a slow pipeline cannot hide. `--profile DIR` writes a JAX profiler trace of one
 window (TensorBoard's profile plugin reads it) and the compiled step, and prints where the
-time went, by kind of operation and part of the step (bench/profile_summary.py). On a GPU,
+time went, by kind of operation and part of the step (bench/profile_summary.py), and
+PyTorch's step by operator (`torch.profiler`, one window: self CPU time, on a GPU its
+kernels' device time). On a GPU,
 MFU is model FLOPs (3 × 2 × dense MACs per image) over a measured bf16 matmul rate, and peak
 device memory is reported.
 """
@@ -256,6 +258,31 @@ def torch_window(model_name: str, head: str, batch, num_classes: int, steps: int
   return run
 
 
+def torch_profile(window: Window, device: str, steps: int, top: int = 12) -> str:
+  """Where PyTorch's step spends its time: one window under `torch.profiler`, its operators
+  by self time (the span on the calling thread, which waits for the intra-op threads; on a
+  GPU, their kernels' device time), as a table like ours."""
+  import torch  # pylint: disable=g-import-not-at-top
+  activities = [torch.profiler.ProfilerActivity.CPU]
+  if device == 'gpu':
+    activities.append(torch.profiler.ProfilerActivity.CUDA)
+  with torch.profiler.profile(activities=activities) as profiler:
+    window()
+
+  def self_us(event) -> float:
+    return event.self_device_time_total if device == 'gpu' else event.self_cpu_time_total
+
+  events = sorted(profiler.key_averages(), key=lambda event: -self_us(event))
+  total = sum(self_us(event) for event in events)
+  ms = profile_summary.ms
+  lines = [f'PyTorch step: {ms(total / steps)} ms per step of its operators\' '
+           f'{"device" if device == "gpu" else "CPU"} time', '',
+           '| operator | calls per step | ms per step | share |', '|---|---:|---:|---:|']
+  lines += [f'| {event.key} | {event.count // steps} | {ms(self_us(event) / steps)} | '
+            f'{100 * self_us(event) / total:.0f}% |' for event in events[:top]]
+  return '\n'.join(lines)
+
+
 def pipeline_batches(data_dir: str, runner: JaxStep, batch_size: int, image_size: int):
   """`() -> device batch` from the real tf.data pipeline over `data_dir`, and the iterator."""
   from sface_jax.data import pipeline, tfrecord  # pylint: disable=g-import-not-at-top
@@ -382,6 +409,8 @@ def main() -> None:
             print(profile_summary.summarize(trace_dir, hlo, args.steps) + '\n')
           except (ValueError, KeyError, FileNotFoundError) as error:
             print(f'    no summary of the trace ({error!r}); TensorBoard still reads it\n')
+          if 'torch' in windows:
+            print(torch_profile(windows['torch'], args.device, args.steps) + '\n')
         del runner
   print()
   print('\n'.join(rows))

@@ -40,6 +40,11 @@ def test_train_step_benchmark_runs(tmp_path):
   convolutions = next(line for line in out.splitlines() if line.startswith('| convolution |'))
   forward, backward = (float(cell) for cell in convolutions.split('|')[2:4])
   assert forward > 0 and backward > 0, out  # the scopes of train.train_step were found
+  if with_torch:  # and PyTorch's step by operator, its convolutions among them
+    assert 'PyTorch step: ' in out, out
+    convolution_rows = [line for line in out.splitlines() if line.startswith('| aten::')
+                        and 'convolution' in line]
+    assert convolution_rows and float(convolution_rows[0].split('|')[3]) > 0, out
 
 
 @pytest.mark.parametrize('model,extra', [('r50', ()), ('mbf', ('--xla-transpose',))])
