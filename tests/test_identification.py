@@ -43,9 +43,11 @@ def orl_embeddings(faces_root):
 
 
 def reference_search(gallery, probes):
-  """float64 scores, every gallery row sorted per probe (ties to the lower row)."""
+  """float64 scores, every gallery row sorted per probe (ties to the lower row). Rounded to
+  12 decimals: the BLAS may sum a duplicated row's products in another order than its
+  original's (scores 1e-16 apart on an AVX-512 machine), and duplicates must tie exactly."""
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  scores = unit(probes.astype(np.float64)) @ unit(gallery.astype(np.float64)).T
+  scores = np.round(unit(probes.astype(np.float64)) @ unit(gallery.astype(np.float64)).T, 12)
   order = np.argsort(-scores, axis=1, kind='stable')
   return np.take_along_axis(scores, order, axis=1), order
 

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sface_jax.models import onednn_conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -101,6 +103,14 @@ def embedding_outputs(embeddings: Array) -> Tuple[Array, Array]:
   return embeddings, jnp.linalg.norm(embeddings, axis=-1)
 
 
+def bias_free_conv(features: int, kernel_size: Tuple[int, int], **kwargs) -> nn.Conv:
+  """arcface_torch's bias-free Conv2d: float32 parameters from N(0, 0.1²), computed in
+  `dtype`; on the CPU through oneDNN (`onednn_conv`: XLA's Eigen convolutions are where
+  our CPU step trailed PyTorch's), elsewhere XLA's own convolution."""
+  return nn.Conv(features, kernel_size, use_bias=False, param_dtype=jnp.float32,
+                 kernel_init=conv_init, conv_general_dilated=onednn_conv.conv, **kwargs)
+
+
 class IBasicBlock(nn.Module):
   """BN - conv3×3 - BN - PReLU - conv3×3(stride) - BN, plus the (projected) input."""
   width: int
@@ -109,8 +119,7 @@ class IBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=conv_init)
+    conv = functools.partial(bias_free_conv, dtype=self.dtype)
     norm = functools.partial(batch_norm, train, self.dtype)
     y = norm('bn1')(x)
     y = conv(self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv1')(y)
@@ -148,9 +157,8 @@ class IResNet(nn.Module):
     check_images(images, 2 ** len(self.stage_sizes))
     norm = functools.partial(batch_norm, train, self.dtype)
     x = images.astype(self.dtype)
-    x = nn.Conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                name='conv1')(x)
+    x = bias_free_conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)),
+                       dtype=self.dtype, name='conv1')(x)
     x = norm('bn1')(x)
     x = PReLU(self.dtype, name='prelu')(x)
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):

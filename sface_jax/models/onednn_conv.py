@@ -1,0 +1,169 @@
+"""Dense 2-D convolutions through XLA:CPU's own oneDNN convolution, on the CPU.
+
+Why: on the CPU, XLA runs convolutions with Eigen's kernels and PyTorch runs them with
+oneDNN's, and that difference is the whole gap between our IResNet training step and
+PyTorch's (BENCHMARKS.md § Where the step's time goes: IR-50's convolutions 4.27 s per step
+against 3.79 s, everything else 1.20 s against 1.18 s). jaxlib ships oneDNN, and XLA:CPU
+executes a custom call named `__onednn$convolution` with oneDNN's forward convolution
+(`OneDnnOpThunk`), but the pass that would rewrite convolutions into that call is switched
+off in the pip wheels (it needs XLA built with ENABLE_ONEDNN_ASYNC), and the
+`xla_cpu_use_onednn` options change nothing (BENCHMARKS.md § What we tried). So `conv` emits
+the custom call itself.
+
+What runs on oneDNN: the forward convolution, and the input gradient of stride-1
+convolutions (the same forward convolution of dy, with the kernel flipped in space, its
+input and output channels swapped, and padding k − 1 − p). The kernel gradient and the input
+gradient of strided convolutions stay XLA's (`jax.vjp` of `lax.conv_general_dilated`): the
+thunk offers only oneDNN's forward primitive.
+
+The call's configuration is XLA's `OneDnnConvolutionConfig` (xla/service/cpu/
+onednn_config.proto) in its JSON form. Its conventions have changed between XLA versions
+(older ones stored dimensions and window sizes plus one), so the path is taken only with the
+jaxlib versions it was tested with (TESTED_JAXLIB); any other version, platform, dtype or
+convolution (grouped, dilated, not NHWC/HWIO) gets `lax.conv_general_dilated` unchanged.
+tests/test_onednn_conv.py compares both directions with XLA's convolution on IR-50's shapes.
+The lowering uses `jax._src.interpreters.mlir.custom_call`: `jax.ffi.ffi_call` emits typed-FFI
+calls whose attributes XLA would not read as this BackendConfig.
+"""
+
+import contextlib
+import functools
+import json
+from typing import Optional, Sequence, Tuple, Union
+
+import jax
+from jax._src.interpreters import mlir  # pylint: disable=g-direct-tensorflow-import
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import jaxlib
+
+Array = jax.Array
+Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+
+# jaxlib versions whose XLA reads the configuration as written here (see the module
+# docstring); anything else falls back to XLA's convolution.
+TESTED_JAXLIB = ('0.10.2',)
+_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+
+_conv_p = jax_core.Primitive('onednn_conv2d')
+
+
+def _output_shape(x_shape, kernel_shape, strides, padding):
+  batch, height, width, _ = x_shape
+  kh, kw, _, features = kernel_shape
+  out = [(size + lo + hi - k) // s + 1
+         for size, k, s, (lo, hi) in zip((height, width), (kh, kw), strides, padding)]
+  return (batch, *out, features)
+
+
+def _abstract_eval(x, kernel, *, strides, padding):
+  return jax.core.ShapedArray(_output_shape(x.shape, kernel.shape, strides, padding), x.dtype)
+
+
+def _config(strides, padding) -> str:
+  """BackendConfig.onednn_conv_config for NHWC input and output and an HWIO kernel."""
+  nhwc = {'batch_dim': 0, 'feature_dim': 3, 'spatial_dims': [1, 2]}
+  return json.dumps({'onednn_conv_config': {
+      'dims': 4, 'feature_groups': 1,
+      'input': {'dims': 4, 'data': nhwc},
+      'kernel': {'dims': 4, 'filter': {'input_feature_dim': 2, 'output_feature_dim': 3,
+                                       'spatial_dims': [0, 1]}},
+      'output': {'dims': 4, 'data': nhwc},
+      'window': {'strides': list(strides), 'pad_left': [lo for lo, _ in padding],
+                 'pad_right': [hi for _, hi in padding],
+                 'window_dilations': [1, 1]},  # stored as dilation, oneDNN's dilation + 1
+  }})
+
+
+def _lowering(ctx, x, kernel, *, strides, padding):
+  row_major = [3, 2, 1, 0]
+  return mlir.custom_call(
+      '__onednn$convolution',
+      result_types=[mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])],
+      operands=[x, kernel], backend_config=_config(strides, padding), api_version=1,
+      operand_layouts=[row_major, row_major], result_layouts=[row_major]).results
+
+
+def _xla_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=_NHWC_HWIO)
+
+
+_conv_p.def_abstract_eval(_abstract_eval)
+_conv_p.def_impl(jax.jit(_conv_p.bind, static_argnames=('strides', 'padding')))  # eager calls
+mlir.register_lowering(_conv_p, _lowering, platform='cpu')
+# Lowered for another platform (a computation placed on a GPU while the default backend is
+# the CPU, or a multi-platform export), the primitive is XLA's convolution.
+mlir.register_lowering(_conv_p, mlir.lower_fun(_xla_conv, multiple_results=False))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x: Array, kernel: Array, strides: Tuple[int, int], padding: Padding) -> Array:
+  return _conv_p.bind(x, kernel, strides=strides, padding=padding)
+
+
+def _forward(x, kernel, strides, padding):
+  return _onednn_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _backward(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, xla_vjp = jax.vjp(functools.partial(_xla_conv, strides=strides, padding=padding),
+                       x, kernel)
+  dx, dkernel = xla_vjp(dy)  # XLA drops the dx it computes here when it goes unused
+  if strides == (1, 1):
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _onednn_conv(dy, flipped, (1, 1),
+                      ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                       (kw - 1 - padding[1][0], kw - 1 - padding[1][1])))
+  return dx, dkernel
+
+
+_onednn_conv.defvjp(_forward, _backward)
+
+
+_enabled = [True]
+
+
+@contextlib.contextmanager
+def disabled():
+  """Trace with XLA's convolutions only: for programs that leave this process (a
+  SavedModel's serialized module runs in TensorFlow's own XLA, which may read the
+  configuration differently)."""
+  _enabled.append(False)
+  try:
+    yield
+  finally:
+    _enabled.pop()
+
+
+def available() -> bool:
+  """Whether `conv` takes the oneDNN path when traced now: the CPU, a tested jaxlib, and
+  not inside `disabled()`."""
+  return (_enabled[-1] and jax.default_backend() == 'cpu'
+          and jaxlib.__version__ in TESTED_JAXLIB)
+
+
+def conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
+         padding: Union[str, Sequence[Tuple[int, int]]],
+         lhs_dilation: Optional[Sequence[int]] = None,
+         rhs_dilation: Optional[Sequence[int]] = None,
+         dimension_numbers=None, feature_group_count: int = 1,
+         precision=None) -> Array:
+  """`lax.conv_general_dilated` with the same arguments (what flax.linen.Conv passes as its
+  `conv_general_dilated`), on oneDNN where it can be (module docstring)."""
+  plain = (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
+           and feature_group_count == 1
+           and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
+  if not (plain and available()):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides),
+                      tuple((int(lo), int(hi)) for lo, hi in padding))

@@ -1,0 +1,100 @@
+"""sface_jax.models.onednn_conv: XLA:CPU's oneDNN convolution against XLA's own and NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sface_jax.models import onednn_conv
+
+NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')  # what flax.linen.Conv passes
+needs_onednn = pytest.mark.skipif(not onednn_conv.available(),
+                                  reason='oneDNN path: CPU with a tested jaxlib only')
+
+# (side, C_in, C_out, kernel, stride, padding): IR-50's kinds of convolution, small.
+SHAPES = [(12, 3, 8, 3, 1, ((1, 1), (1, 1))),     # the stem
+          (12, 8, 8, 3, 1, ((1, 1), (1, 1))),     # the repeated 3×3
+          (12, 8, 16, 3, 2, ((1, 1), (1, 1))),    # a stage's strided conv2
+          (12, 8, 16, 1, 2, 'VALID'),             # the 1×1 strided shortcut
+          (9, 8, 8, 3, 1, ((0, 2), (1, 0))),      # uneven padding, odd side
+          (7, 4, 8, 1, 1, 'VALID')]               # a stride-1 1×1
+
+
+def xla_conv(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=NHWC_HWIO)
+
+
+def numpy_conv(x, kernel, stride, padding):
+  """float64 reference: y[b, p, q, o] = Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, c] k[i, j, c, o]."""
+  if padding == 'VALID':
+    padding = ((0, 0), (0, 0))
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
+  kernel = np.asarray(kernel, np.float64)
+  kh, kw = kernel.shape[:2]
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  return sum(np.einsum('bhwc,co->bhwo',
+                       x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride],
+                       kernel[i, j]) for i in range(kh) for j in range(kw))
+
+
+def random_case(side, c_in, c_out, k, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(2, side, side, c_in)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)) / np.sqrt(k * k * c_in),
+                       jnp.float32)
+  return x, kernel
+
+
+@needs_onednn
+@pytest.mark.parametrize('side,c_in,c_out,k,stride,padding', SHAPES)
+def test_forward_and_gradients_match_xla_and_numpy(side, c_in, c_out, k, stride, padding):
+  x, kernel = random_case(side, c_in, c_out, k)
+  ours = jax.jit(lambda x, w: onednn_conv.conv(x, w, (stride, stride), padding,
+                                               dimension_numbers=NHWC_HWIO))
+  y = ours(x, kernel)
+  reference = numpy_conv(x, kernel, stride, padding)
+  assert y.shape == reference.shape
+  np.testing.assert_allclose(np.asarray(y), reference, rtol=1e-5, atol=1e-5)
+
+  dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+  grads = jax.jit(lambda x, w: jax.vjp(ours, x, w)[1](dy))(x, kernel)
+  expected = jax.vjp(lambda x, w: xla_conv(x, w, stride, padding), x, kernel)[1](dy)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_compiles_to_the_onednn_call_forward_and_for_the_stride1_input_gradient():
+  x, kernel = random_case(12, 8, 8, 3)
+
+  def loss(x, w):
+    return jnp.sum(onednn_conv.conv(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=NHWC_HWIO) ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  # forward, and the input gradient; the kernel gradient is XLA's convolution
+  assert hlo.count('custom_call_target="__onednn$convolution"') == 2, hlo
+  assert ' convolution(' in hlo
+
+
+def test_falls_back_to_xla_where_onednn_is_not_used():
+  """Grouped, dilated and bfloat16 convolutions are XLA's, with the same result."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+  grouped = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+  cases = [
+      (x, grouped, {'feature_group_count': 2}),
+      (x, grouped[:, :, :1].repeat(4, 2), {'rhs_dilation': (2, 2)}),
+      (x.astype(jnp.bfloat16), grouped.repeat(2, 2).astype(jnp.bfloat16), {}),
+  ]
+  for lhs, rhs, options in cases:
+    args = (lhs, rhs, (1, 1), ((1, 1), (1, 1)))
+    lowered = jax.jit(lambda x, w, o=options: onednn_conv.conv(
+        x, w, *args[2:], dimension_numbers=NHWC_HWIO, **o)).lower(lhs, rhs)
+    assert '__onednn$' not in lowered.as_text()
+    np.testing.assert_array_equal(
+        np.asarray(onednn_conv.conv(*args, dimension_numbers=NHWC_HWIO, **options), np.float32),
+        np.asarray(jax.lax.conv_general_dilated(*args, dimension_numbers=NHWC_HWIO, **options),
+                   np.float32))
