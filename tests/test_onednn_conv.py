@@ -98,3 +98,13 @@ def test_falls_back_to_xla_where_onednn_is_not_used():
         np.asarray(onednn_conv.conv(*args, dimension_numbers=NHWC_HWIO, **options), np.float32),
         np.asarray(jax.lax.conv_general_dilated(*args, dimension_numbers=NHWC_HWIO, **options),
                    np.float32))
+
+
+@needs_onednn
+def test_several_devices_get_xla_convolutions():
+  """XLA's partitioner cannot split the custom call, so a mesh of CPU devices keeps XLA's."""
+  import multi_device  # pylint: disable=g-import-not-at-top
+  code = ('from sface_jax.models import onednn_conv; import jax; '
+          'print(jax.device_count(), onednn_conv.available())')
+  assert multi_device.run_python('-c', code, devices=2).stdout.split() == ['2', 'False']
+  assert multi_device.run_python('-c', code, devices=1).stdout.split() == ['1', 'True']

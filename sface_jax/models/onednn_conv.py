@@ -20,7 +20,8 @@ The call's configuration is XLA's `OneDnnConvolutionConfig` (xla/service/cpu/
 onednn_config.proto) in its JSON form. Its conventions have changed between XLA versions
 (older ones stored dimensions and window sizes plus one), so the path is taken only with the
 jaxlib versions it was tested with (TESTED_JAXLIB); any other version, platform, dtype or
-convolution (grouped, dilated, not NHWC/HWIO) gets `lax.conv_general_dilated` unchanged.
+convolution (grouped, dilated, not NHWC/HWIO), or a mesh of several devices (`available`),
+gets `lax.conv_general_dilated` unchanged.
 tests/test_onednn_conv.py compares both directions with XLA's convolution on IR-50's shapes.
 The lowering uses `jax._src.interpreters.mlir.custom_call`: `jax.ffi.ffi_call` emits typed-FFI
 calls whose attributes XLA would not read as this BackendConfig.
@@ -139,9 +140,15 @@ def disabled():
 
 
 def available() -> bool:
-  """Whether `conv` takes the oneDNN path when traced now: the CPU, a tested jaxlib, and
-  not inside `disabled()`."""
-  return (_enabled[-1] and jax.default_backend() == 'cpu'
+  """Whether `conv` takes the oneDNN path when traced now: the CPU, a tested jaxlib, one
+  device, and not inside `disabled()`.
+
+  One device, because XLA's SPMD partitioner knows nothing of the custom call: with the
+  batch sharded over several CPU devices it would gather every convolution's input onto
+  each device (the planner's test on 8 forced devices counted 3.4 MB of all-gathers per
+  step where the layout needs 2 KB). A CPU run is one device unless forced otherwise.
+  """
+  return (_enabled[-1] and jax.default_backend() == 'cpu' and jax.device_count() == 1
           and jaxlib.__version__ in TESTED_JAXLIB)
 
 
