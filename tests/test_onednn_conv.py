@@ -26,7 +26,8 @@ def xla_conv(x, kernel, stride, padding):
 
 
 def numpy_conv(x, kernel, stride, padding):
-  """float64 reference: y[b, p, q, o] = Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, c] k[i, j, c, o]."""
+  """float64 reference:
+  y[b, p, q, o] = Σ_{i, j, c} x_pad[b, s·p + i, s·q + j, c] · kernel[i, j, c, o]."""
   if padding == 'VALID':
     padding = ((0, 0), (0, 0))
   x = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))

@@ -33,7 +33,7 @@ import json
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
-from jax._src.interpreters import mlir  # pylint: disable=g-direct-tensorflow-import
+from jax._src.interpreters import mlir  # private: see the module docstring's last lines
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 import jaxlib
@@ -112,12 +112,11 @@ def _backward(strides, padding, residuals, dy):
   _, xla_vjp = jax.vjp(functools.partial(_xla_conv, strides=strides, padding=padding),
                        x, kernel)
   dx, dkernel = xla_vjp(dy)  # XLA drops the dx it computes here when it goes unused
-  if strides == (1, 1):
-    kh, kw = kernel.shape[:2]
+  # stride 1: dx is dy convolved with the flipped kernel, padded by k − 1 − p on each side
+  dx_padding = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], padding))
+  if strides == (1, 1) and all(p >= 0 for pair in dx_padding for p in pair):
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _onednn_conv(dy, flipped, (1, 1),
-                      ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                       (kw - 1 - padding[1][0], kw - 1 - padding[1][1])))
+    dx = _onednn_conv(dy, flipped, (1, 1), dx_padding)
   return dx, dkernel
 
 
