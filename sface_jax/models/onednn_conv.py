@@ -49,16 +49,16 @@ _NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
 _conv_p = jax_core.Primitive('onednn_conv2d')
 
 
-def _output_shape(x_shape, kernel_shape, strides, padding):
-  batch, height, width, _ = x_shape
-  kh, kw, _, features = kernel_shape
-  out = [(size + lo + hi - k) // s + 1
-         for size, k, s, (lo, hi) in zip((height, width), (kh, kw), strides, padding)]
-  return (batch, *out, features)
+def _xla_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=_NHWC_HWIO)
 
 
 def _abstract_eval(x, kernel, *, strides, padding):
-  return jax.core.ShapedArray(_output_shape(x.shape, kernel.shape, strides, padding), x.dtype)
+  """The same output as XLA's convolution."""
+  out = jax.eval_shape(functools.partial(_xla_conv, strides=strides, padding=padding),
+                       x, kernel)
+  return jax.core.ShapedArray(out.shape, out.dtype)
 
 
 def _config(strides, padding) -> str:
@@ -85,11 +85,6 @@ def _lowering(ctx, x, kernel, *, strides, padding):
       operand_layouts=[row_major, row_major], result_layouts=[row_major]).results
 
 
-def _xla_conv(x, kernel, strides, padding):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                      dimension_numbers=_NHWC_HWIO)
-
-
 _conv_p.def_abstract_eval(_abstract_eval)
 _conv_p.def_impl(jax.jit(_conv_p.bind, static_argnames=('strides', 'padding')))  # eager calls
 mlir.register_lowering(_conv_p, _lowering, platform='cpu')
@@ -109,14 +104,15 @@ def _forward(x, kernel, strides, padding):
 
 def _backward(strides, padding, residuals, dy):
   x, kernel = residuals
-  _, xla_vjp = jax.vjp(functools.partial(_xla_conv, strides=strides, padding=padding),
-                       x, kernel)
-  dx, dkernel = xla_vjp(dy)  # XLA drops the dx it computes here when it goes unused
+  xla_conv = functools.partial(_xla_conv, strides=strides, padding=padding)
+  dkernel = jax.vjp(lambda w: xla_conv(x, w), kernel)[1](dy)[0]
   # stride 1: dx is dy convolved with the flipped kernel, padded by k − 1 − p on each side
   dx_padding = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], padding))
   if strides == (1, 1) and all(p >= 0 for pair in dx_padding for p in pair):
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     dx = _onednn_conv(dy, flipped, (1, 1), dx_padding)
+  else:
+    dx = jax.vjp(lambda v: xla_conv(v, kernel), x)[1](dy)[0]
   return dx, dkernel
 
 
