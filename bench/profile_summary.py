@@ -14,13 +14,15 @@ prints this summary itself. Two tables, in milliseconds per step:
 How an operation's time is measured: on a GPU, each kernel's own span on the device. On the
 CPU, XLA's thunk executor records a span when it launches an operation and an `end: NAME`
 mark when the operation completes; convolutions run asynchronously on the intra-op thread
-pool, so their launch span is short and the end mark is what bounds them. Operations that
+pool, so their launch span is short and the end mark is what bounds them, unless an
+operation reading the result starts earlier (`bound_by_users`). Operations that
 run at the same time (two CPU threads, several GPU streams) share each instant equally, so the
 table adds up to the time at least one operation of the step was running ("covered"); the
 rest of the wall time is the gaps between them (host dispatch, waiting).
 """
 
 import argparse
+import bisect
 import collections
 import dataclasses
 import glob
@@ -58,6 +60,7 @@ class Op:
   part: str
   scope: str
   container: bool = False
+  users: Tuple[str, ...] = ()  # the instructions that read its result
 
 
 def _part(scope: str) -> str:
@@ -135,6 +138,7 @@ def parse_hlo(text: str) -> Tuple[str, Dict[str, Op]]:
           (ops[o].part for o in operands if o in ops), key=_PART_ORDER.index, default='other')
       ops[name] = Op(name, shape, _kind(opcode, line, called), part, scope,
                      opcode in _CONTAINERS)
+  ops = {name: dataclasses.replace(op, users=tuple(users[name])) for name, op in ops.items()}
   for instructions in computations.values():
     for name, _, _, _ in reversed(instructions):
       op = ops[name]
@@ -187,6 +191,29 @@ def op_spans(events: Iterable[dict], module: str) -> Tuple[List[Tuple[str, float
   return [tuple(span) for span in spans], len(runs)
 
 
+def bound_by_users(spans: List[Tuple[str, float, float]],
+                   ops: Dict[str, Op]) -> List[Tuple[str, float, float]]:
+  """Each span ended no later than the first of its users' spans that starts after it.
+
+  An `end:` mark can come long after the operation finished: the mark of a fusion split over
+  the two CPU threads was recorded 317 ms late, after a reduction that ran in between (the
+  step's trace of 2026-12-03), which gave the fusion half of the reduction's time. Whatever
+  the marks say, an operation is done when something that reads its result starts.
+  """
+  starts = collections.defaultdict(list)
+  for name, start, _ in spans:
+    starts[name].append(start)
+  for times in starts.values():
+    times.sort()
+  bounded = []
+  for name, start, end in spans:
+    later = [times[index] for user in (ops[name].users if name in ops else ())
+             for times in (starts.get(user, ()),)
+             for index in (bisect.bisect_right(times, start),) if index < len(times)]
+    bounded.append((name, start, max(start, min([end] + later))))
+  return bounded
+
+
 def exclusive_times(spans: List[Tuple[str, float, float]]) -> Dict[str, float]:
   """{name: µs}, each instant shared equally by the spans running then (sums to covered time)."""
   marks = sorted([(start, 1, i) for i, (_, start, _) in enumerate(spans)]
@@ -217,7 +244,8 @@ def summarize(trace_dir: str, hlo_text: str, steps: int = 0, top: int = 12) -> s
   """The two tables (markdown) for the step whose compiled text is `hlo_text`."""
   module, ops = parse_hlo(hlo_text)
   spans, runs = op_spans(load_trace(trace_dir), module)
-  spans = [span for span in spans if not (span[0] in ops and ops[span[0]].container)]
+  spans = [span for span in bound_by_users(spans, ops)
+           if not (span[0] in ops and ops[span[0]].container)]
   if not spans:
     raise ValueError(f'{trace_dir}: no operation of HLO module {module!r} in the trace')
   steps = steps or runs or 1

@@ -213,6 +213,44 @@ def test_tap_sum_is_compiled_once_not_into_each_consumer():
   assert 1 <= len(with_the_taps) <= 2  # the conditional's two (identical) branches
 
 
+def test_pointwise_conv_as_matmul_equals_xla_convolution():
+  """MobileFaceNet's 1×1 convolutions on the CPU: value, d/dx and d/dkernel against a float64
+  NumPy reference, and the compiled gradient has no convolution left (the kernel gradient is
+  the matmul's transpose, not XLA's Eigen convolution). Any other convolution passes through
+  to XLA's unchanged."""
+  from sface_jax.models import mobilefacenet  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the matmul form is taken only when tracing for the CPU')
+  rng = np.random.RandomState(0)
+  x = rng.normal(size=(2, 5, 6, 8)).astype(np.float32)
+  w = rng.normal(size=(1, 1, 8, 12)).astype(np.float32)
+  cotangent = rng.normal(size=(2, 5, 6, 12)).astype(np.float32)
+  dimensions = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+  def pointwise(x, w):
+    return mobilefacenet.pointwise_as_matmul(x, w, (1, 1), ((0, 0), (0, 0)),
+                                             dimension_numbers=dimensions)
+
+  def value_and_vjp(x, w, cotangent):
+    value, vjp = jax.vjp(pointwise, x, w)
+    return (value, *vjp(cotangent))
+
+  x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, cotangent))
+  expected = (np.einsum('bhwc,cd->bhwd', x64, w64[0, 0]),
+              np.einsum('bhwd,cd->bhwc', dy64, w64[0, 0]),
+              np.einsum('bhwc,bhwd->cd', x64, dy64)[None, None])
+  compiled = jax.jit(value_and_vjp).lower(x, w, cotangent).compile()
+  for got, want in zip(compiled(x, w, cotangent), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert ' convolution(' not in compiled.as_text()
+  # a 3×3 convolution is XLA's own
+  w3 = rng.normal(size=(3, 3, 8, 12)).astype(np.float32)
+  got = mobilefacenet.pointwise_as_matmul(x, w3, (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=dimensions)
+  np.testing.assert_array_equal(got, jax.lax.conv_general_dilated(
+      x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimensions))
+
+
 def test_input_side_must_be_divisible_by_16():
   model = models.get_model('tiny')
   with pytest.raises(ValueError, match='divisible by 16'):

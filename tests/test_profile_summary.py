@@ -92,15 +92,16 @@ def test_cpu_trace_shares_overlapping_time_and_bounds_async_thunks(tmp_path):
         _end(conv, t0 + 10 * ms, tid=2),                                    # completes at 10
         _thunk('reduce_fusion', t0 + 10 * ms, 4 * ms, tid=1, run=run),      # 10–14
         _thunk('transpose_fusion', t0 + 12 * ms, 4 * ms, tid=2, run=run),   # 12–16
+        _end('transpose_fusion', t0 + 20 * ms, tid=2),  # a late mark: its user starts at 16
         _thunk('convolution.2', t0 + 16 * ms, 8 * ms, tid=1, run=run),      # 16–24
         _thunk('update_fusion', t0 + 24 * ms, 1 * ms, tid=1, run=run),      # 24–25
         _thunk('other_op', t0 + 5 * ms, 10 * ms, tid=3, run=run, hlo_module='jit_other'),
     ]
   trace = _write_trace(tmp_path, events)
-  module, _ = profile_summary.parse_hlo(HLO)
+  module, ops = profile_summary.parse_hlo(HLO)
   spans, runs = profile_summary.op_spans(profile_summary.load_trace(trace), module)
   assert runs == 2 and len(spans) == 10  # the other module's operation is left out
-  per_op = profile_summary.exclusive_times(spans)
+  per_op = profile_summary.exclusive_times(profile_summary.bound_by_users(spans, ops))
   # 12–14 is shared by the reduction and the copy: 2 + 1 and 1 + 2 ms per step each
   assert per_op == pytest.approx({'conv.1': 20 * ms, 'reduce_fusion': 6 * ms,
                                   'transpose_fusion': 6 * ms, 'convolution.2': 16 * ms,

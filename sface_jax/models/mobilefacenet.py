@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sface_jax.models import onednn_conv
 from sface_jax.models.iresnet import PReLU, batch_norm, check_images, embedding_outputs
 
 Array = jax.Array
@@ -127,9 +128,10 @@ def _taps_backward(stride, padding, groups, residuals, dy):
   """d/dx: at stride 1, the same tap sum over dy with the kernel flipped and each group's
   (in, out) swapped, padded by k − 1 − p; at stride s > 1, the transpose of the (linear)
   forward in x, without computing the forward again (its strided-slice transposes fuse
-  into one loop, and a dilated dy would be s² times larger). d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] ·
-  dy[b, p, q, g, o]: all taps in one variadic reduction that reads x and dy once,
-  accumulated in float32.
+  into one loop, and a dilated dy would be s² times larger).
+  d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] · dy[b, p, q, g, o]:
+  all taps in one variadic reduction that reads x and dy once, accumulated in float32 (over
+  the batch first where that is faster, see below).
   """
   x, kernel = residuals
   kh, kw, group_in, features = kernel.shape
@@ -151,13 +153,47 @@ def _taps_backward(stride, padding, groups, residuals, dy):
               for c in range(group_in)
               for _, _, window in _tap_windows(grouped_x[..., c:c + 1], kh, kw, stride,
                                                out_h, out_w)]
+  # XLA:CPU runs a reduction as a scalar loop over the reduced elements of each output. Where
+  # the tap windows are strided in memory (stride > 1, or several input channels per group),
+  # summing over the batch first and then over the positions is 1.55-1.8x faster; with
+  # contiguous windows one reduction is (BENCHMARKS.md § What we tried).
+  batch_first = stride > 1 or group_in > 1
   sums = jax.lax.reduce(products, [jnp.float32(0)] * len(products),
-                        lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+                        lambda a, b: [u + v for u, v in zip(a, b)],
+                        (0,) if batch_first else (0, 1, 2))
+  if batch_first:
+    sums = [partial.sum((0, 1)) for partial in sums]
   dkernel = jnp.stack(sums).reshape(group_in, kh, kw, features).transpose(1, 2, 0, 3)
   return dx, dkernel.astype(kernel.dtype)
 
 
 grouped_conv_taps.defvjp(_taps_forward_with_residuals, _taps_backward)
+
+
+def pointwise_as_matmul(lhs: Array, rhs: Array, window_strides: Sequence[int], padding,
+                        lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                        feature_group_count: int = 1, precision=None) -> Array:
+  """`lax.conv_general_dilated` (nn.Conv's `conv_general_dilated`), with a 1×1, stride-1
+  convolution written as the matmul it is when tracing for the CPU.
+
+  Why: XLA:CPU runs a 1×1 convolution's forward pass and input gradient as matmuls already,
+  but its kernel gradient as an Eigen convolution; as the transpose of this matmul it is
+  the (B·H·W, C_in)ᵀ·(B·H·W, C_out) matmul, 1.3-2.1× faster on MobileFaceNet's shapes
+  (BENCHMARKS.md § What we tried). Same parameter, same result to float32 rounding.
+  """
+  zero_padding = (padding in ('SAME', 'VALID') if isinstance(padding, str)
+                  else all(p == 0 for pair in padding for p in pair))
+  if (jax.default_backend() == 'cpu' and rhs.shape[:2] == (1, 1) and zero_padding
+      and tuple(window_strides) == (1, 1)
+      and onednn_conv.is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                                    feature_group_count)):
+    rows = jnp.dot(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]),
+                   precision=precision)
+    return rows.reshape(*lhs.shape[:3], rhs.shape[-1])
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision)
 
 
 class GroupedConv(nn.Module):
@@ -215,7 +251,7 @@ class ConvBN(nn.Module):
                   padding=padding, use_bias=False, dtype=self.dtype,
                   param_dtype=jnp.float32,
                   kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                  name='conv')(x)
+                  conv_general_dilated=pointwise_as_matmul, name='conv')(x)
     else:
       x = GroupedConv(self.features, self.kernel, self.stride, padding, self.groups,
                       self.grouped_conv, self.dtype, name='conv')(x)

@@ -147,6 +147,16 @@ def available() -> bool:
           and jaxlib.__version__ in TESTED_JAXLIB)
 
 
+def is_plain_nhwc(lhs: Array, rhs: Array, lhs_dilation, rhs_dilation, dimension_numbers,
+                  feature_group_count: int) -> bool:
+  """Whether `lax.conv_general_dilated`'s arguments are a plain 2-D convolution: NHWC input
+  and output, HWIO kernel, no dilation, no groups."""
+  return (lhs.ndim == 4 and feature_group_count == 1
+          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
+
+
 def conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
          padding: Union[str, Sequence[Tuple[int, int]]],
          lhs_dilation: Optional[Sequence[int]] = None,
@@ -155,11 +165,9 @@ def conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
          precision=None) -> Array:
   """`lax.conv_general_dilated` with the same arguments (what flax.linen.Conv passes as its
   `conv_general_dilated`), on oneDNN where it can be (module docstring)."""
-  plain = (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
-           and feature_group_count == 1
-           and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
+  plain = (lhs.dtype == rhs.dtype == jnp.float32
+           and is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                             feature_group_count))
   if not (plain and available()):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
