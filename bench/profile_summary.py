@@ -207,10 +207,12 @@ def bound_by_users(spans: List[Tuple[str, float, float]],
     times.sort()
   bounded = []
   for name, start, end in spans:
-    later = [times[index] for user in (ops[name].users if name in ops else ())
-             for times in (starts.get(user, ()),)
-             for index in (bisect.bisect_right(times, start),) if index < len(times)]
-    bounded.append((name, start, max(start, min([end] + later))))
+    for user in ops[name].users if name in ops else ():
+      times = starts.get(user, [])
+      first = bisect.bisect_right(times, start)  # the user's first start after this one's
+      if first < len(times):
+        end = min(end, times[first])
+    bounded.append((name, start, max(start, end)))
   return bounded
 
 
