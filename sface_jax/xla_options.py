@@ -8,7 +8,7 @@ batch 32 drops from 9.1 s to 6.9 s on two cores when convolutions go to Eigen
 (BENCHMARKS.md § Whole training step, "What we tried"). YNNPACK stays on for the
 reductions (batch-norm statistics: turning it off everywhere costs 1.2 s per IR-50 step)
 and for single matmuls. (IResNet's forward convolutions and stride-1 input gradients do not
-reach either library: they are oneDNN calls, sface_jax/models/onednn_conv.py.)
+reach either library: they are oneDNN calls, sface_jax/models/onednn.py.)
 
 The options are passed per computation (`jax.jit(..., compiler_options=...)`) rather than
 through the XLA_FLAGS environment variable, so that importing sface_jax changes nothing for

@@ -19,7 +19,7 @@ import numpy as np
 
 from sface_jax.models import iresnet
 from sface_jax.models import mobilefacenet
-from sface_jax.models import onednn_conv
+from sface_jax.models import onednn
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     'r18': iresnet.IResNet18,
@@ -79,7 +79,7 @@ def xla_macs(model: nn.Module, image_size: int = 112) -> float:
   variables = abstract_variables(model, image_size)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  with onednn_conv.disabled():  # XLA cannot cost a oneDNN custom call
+  with onednn.disabled():  # XLA cannot cost a oneDNN custom call
     cost = apply.lower(variables, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
     cost = cost[0]
@@ -98,7 +98,7 @@ def dense_macs(model: nn.Module, image_size: int = 112) -> float:
   model = _with_xla_convolutions(model)
   variables = abstract_variables(model, image_size)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  with onednn_conv.disabled():  # the count reads conv_general_dilated equations
+  with onednn.disabled():  # the count reads conv_general_dilated equations
     closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
   total = 0
 

@@ -22,9 +22,12 @@ convolutions through a slow generic loop, many times slower than the same arithm
 written as nine shifted multiply-adds (`python bench/backbone.py --models mbf
 --grouped_conv taps|xla` compares the two).
 `grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses, with a
-hand-written backward (`grouped_conv_taps`); 'xla' uses `lax.conv_general_dilated` (cuDNN
-and TPUs have fast depthwise kernels); 'auto' (default) picks 'taps' only when tracing for
-the CPU backend, where it was measured to help. Same result, same parameters.
+hand-written backward (`grouped_conv_taps`); depthwise forward passes (and their stride-1
+input gradients) go to oneDNN's depthwise kernel where `onednn` runs, faster still. 'xla'
+uses `lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto'
+(default) picks 'taps' only when tracing for the CPU backend, where it was measured to
+help. Same result, same parameters. The 1×1 convolutions are matmuls on the CPU
+(`pointwise_as_matmul`, on oneDNN where it runs).
 """
 
 import functools
@@ -34,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sface_jax.models import onednn_conv
+from sface_jax.models import onednn
 from sface_jax.models.iresnet import PReLU, batch_norm, check_images, embedding_outputs
 
 Array = jax.Array
@@ -104,6 +107,19 @@ def _taps_forward(x: Array, kernel: Array, stride: int,
   return jax.lax.cond(any_predicate, tap_sum, tap_sum, x, kernel)
 
 
+def _grouped_forward(x: Array, kernel: Array, stride: int,
+                     padding: Sequence[Tuple[int, int]], groups: int) -> Array:
+  """The forward grouped convolution inside `grouped_conv_taps` (its value and its stride-1
+  input gradient): a depthwise one (one input channel per group) on oneDNN's depthwise
+  kernel where oneDNN runs (`onednn.takes`; 1.7-3.4× faster than the tap sum on
+  MobileFaceNet's layers, BENCHMARKS.md § What we tried), the tap sum otherwise (the
+  grouped stem's 2 channels per group are no faster on oneDNN)."""
+  if (kernel.shape[2] == 1 and onednn.takes(x, kernel)
+      and all(p >= 0 for pair in padding for p in pair)):
+    return onednn.forward_conv(x, kernel, (stride, stride), padding, groups)
+  return _taps_forward(x, kernel, stride, padding, groups)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def grouped_conv_taps(x: Array, kernel: Array, stride: int,
                       padding: Sequence[Tuple[int, int]], groups: int) -> Array:
@@ -116,12 +132,13 @@ def grouped_conv_taps(x: Array, kernel: Array, stride: int,
   The gradient is written out (`_taps_backward`) because XLA's own transpose of the sum
   computes the kernel gradient as one reduction per tap, each reading the input and the
   output gradient again (3-4× slower than PyTorch's depthwise backward at stride 1).
+  Depthwise forward passes run on oneDNN where they can (`_grouped_forward`).
   """
-  return _taps_forward(x, kernel, stride, padding, groups)
+  return _grouped_forward(x, kernel, stride, padding, groups)
 
 
 def _taps_forward_with_residuals(x, kernel, stride, padding, groups):
-  return _taps_forward(x, kernel, stride, padding, groups), (x, kernel)
+  return _grouped_forward(x, kernel, stride, padding, groups), (x, kernel)
 
 
 def _taps_backward(stride, padding, groups, residuals, dy):
@@ -139,9 +156,9 @@ def _taps_backward(stride, padding, groups, residuals, dy):
   if stride == 1:
     flipped = kernel[::-1, ::-1].reshape(kh, kw, group_in, groups, group_out)
     transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, group_out, x.shape[-1])
-    dx = _taps_forward(dy, transposed, 1,
-                       ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                        (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
+    dx = _grouped_forward(dy, transposed, 1,
+                          ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                           (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
   else:
     transpose = jax.linear_transpose(
         lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
@@ -178,17 +195,19 @@ def pointwise_as_matmul(lhs: Array, rhs: Array, window_strides: Sequence[int], p
 
   Why: XLA:CPU runs a 1×1 convolution's forward pass and input gradient as matmuls already,
   but its kernel gradient as an Eigen convolution; as the transpose of this matmul it is
-  the (B·H·W, C_in)ᵀ·(B·H·W, C_out) matmul, 1.3-2.1× faster on MobileFaceNet's shapes
-  (BENCHMARKS.md § What we tried). Same parameter, same result to float32 rounding.
+  the (B·H·W, C_in)ᵀ·(B·H·W, C_out) matmul, 1.3-2.1× faster on MobileFaceNet's shapes. The
+  matmuls go to oneDNN (`onednn.matmul`, where available), which runs these long, thin
+  products 1.1-3× faster than XLA's dot (BENCHMARKS.md § What we tried). Same parameter, same
+  result to float32 rounding.
   """
   zero_padding = (padding in ('SAME', 'VALID') if isinstance(padding, str)
                   else all(p == 0 for pair in padding for p in pair))
   if (jax.default_backend() == 'cpu' and rhs.shape[:2] == (1, 1) and zero_padding
       and tuple(window_strides) == (1, 1)
-      and onednn_conv.is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+      and onednn.is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count)):
-    rows = jnp.dot(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]),
-                   precision=precision)
+    rows = onednn.matmul(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]),
+                         precision=precision)
     return rows.reshape(*lhs.shape[:3], rhs.shape[-1])
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

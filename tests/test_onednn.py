@@ -1,14 +1,14 @@
-"""sface_jax.models.onednn_conv: XLA:CPU's oneDNN convolution against XLA's own and NumPy."""
+"""sface_jax.models.onednn: XLA:CPU's oneDNN convolution against XLA's own and NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sface_jax.models import onednn_conv
+from sface_jax.models import onednn
 
 NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')  # what flax.linen.Conv passes
-needs_onednn = pytest.mark.skipif(not onednn_conv.available(),
+needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason='oneDNN path: CPU with a tested jaxlib only')
 
 # (side, C_in, C_out, kernel, stride, padding): IR-50's kinds of convolution, small.
@@ -52,7 +52,7 @@ def random_case(side, c_in, c_out, k, seed=0):
 @pytest.mark.parametrize('side,c_in,c_out,k,stride,padding', SHAPES)
 def test_forward_and_gradients_match_xla_and_numpy(side, c_in, c_out, k, stride, padding):
   x, kernel = random_case(side, c_in, c_out, k)
-  ours = jax.jit(lambda x, w: onednn_conv.conv(x, w, (stride, stride), padding,
+  ours = jax.jit(lambda x, w: onednn.conv(x, w, (stride, stride), padding,
                                                dimension_numbers=NHWC_HWIO))
   y = ours(x, kernel)
   reference = numpy_conv(x, kernel, stride, padding)
@@ -71,7 +71,7 @@ def test_compiles_to_the_onednn_call_forward_and_for_the_stride1_input_gradient(
   x, kernel = random_case(12, 8, 8, 3)
 
   def loss(x, w):
-    return jnp.sum(onednn_conv.conv(x, w, (1, 1), ((1, 1), (1, 1)),
+    return jnp.sum(onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)),
                                     dimension_numbers=NHWC_HWIO) ** 2)
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
@@ -92,11 +92,11 @@ def test_falls_back_to_xla_where_onednn_is_not_used():
   ]
   for lhs, rhs, options in cases:
     args = (lhs, rhs, (1, 1), ((1, 1), (1, 1)))
-    lowered = jax.jit(lambda x, w, o=options: onednn_conv.conv(
+    lowered = jax.jit(lambda x, w, o=options: onednn.conv(
         x, w, *args[2:], dimension_numbers=NHWC_HWIO, **o)).lower(lhs, rhs)
     assert '__onednn$' not in lowered.as_text()
     np.testing.assert_array_equal(
-        np.asarray(onednn_conv.conv(*args, dimension_numbers=NHWC_HWIO, **options), np.float32),
+        np.asarray(onednn.conv(*args, dimension_numbers=NHWC_HWIO, **options), np.float32),
         np.asarray(jax.lax.conv_general_dilated(*args, dimension_numbers=NHWC_HWIO, **options),
                    np.float32))
 
@@ -105,7 +105,61 @@ def test_falls_back_to_xla_where_onednn_is_not_used():
 def test_several_devices_get_xla_convolutions():
   """XLA's partitioner cannot split the custom call, so a mesh of CPU devices keeps XLA's."""
   import multi_device  # pylint: disable=g-import-not-at-top
-  code = ('from sface_jax.models import onednn_conv; import jax; '
-          'print(jax.device_count(), onednn_conv.available())')
+  code = ('from sface_jax.models import onednn; import jax; '
+          'print(jax.device_count(), onednn.available())')
   assert multi_device.run_python('-c', code, devices=2).stdout.split() == ['2', 'False']
   assert multi_device.run_python('-c', code, devices=1).stdout.split() == ['1', 'True']
+
+
+@needs_onednn
+@pytest.mark.parametrize('rows,inner,cols', [(300, 8, 12), (7, 64, 3), (1, 5, 1)])
+def test_matmul_and_its_gradients_match_numpy_and_are_onednn_calls(rows, inner, cols):
+  rng = np.random.default_rng(rows)
+  a, b, dy = (rng.normal(size=shape).astype(np.float32)
+              for shape in ((rows, inner), (inner, cols), (rows, cols)))
+
+  def value_and_vjp(a, b, dy):
+    value, vjp = jax.vjp(onednn.matmul, a, b)
+    return (value, *vjp(dy))
+
+  compiled = jax.jit(value_and_vjp).lower(a, b, dy).compile()
+  a64, b64, dy64 = (x.astype(np.float64) for x in (a, b, dy))
+  for got, want in zip(compiled(a, b, dy), (a64 @ b64, dy64 @ b64.T, a64.T @ dy64)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  hlo = compiled.as_text()
+  # the product, dy·bᵀ and aᵀ·dy, with no transpose of an operand and no XLA dot
+  assert hlo.count('custom_call_target="__onednn$matmul"') == 3, hlo
+  assert ' dot(' not in hlo and ' transpose(' not in hlo, hlo
+
+
+def test_matmul_falls_back_to_jnp_dot():
+  """bfloat16, and operands that are not matrices, are XLA's dot, with the same result."""
+  rng = np.random.default_rng(0)
+  cases = [(rng.normal(size=(4, 3)), rng.normal(size=(3, 5)), jnp.bfloat16),
+           (rng.normal(size=(2, 4, 3)), rng.normal(size=(3, 5)), jnp.float32),
+           (rng.normal(size=(3,)), rng.normal(size=(3, 5)), jnp.float32)]
+  for a, b, dtype in cases:
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    assert '__onednn$' not in jax.jit(onednn.matmul).lower(a, b).as_text()
+    np.testing.assert_array_equal(np.asarray(onednn.matmul(a, b), np.float32),
+                                  np.asarray(jnp.dot(a, b), np.float32))
+
+
+@needs_onednn
+def test_grouped_forward_conv_matches_xla_and_refuses_what_it_cannot_run():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.float32)
+  for groups, stride in ((8, 1), (8, 2), (4, 1), (1, 1)):
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 8 // groups, 8)), jnp.float32)
+    padding = ((1, 1), (0, 2))
+    got = jax.jit(lambda x, w, g=groups, s=stride: onednn.forward_conv(
+        x, w, (s, s), padding, g))(x, kernel)
+    want = jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                        dimension_numbers=NHWC_HWIO,
+                                        feature_group_count=groups)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='padding'):
+    onednn.forward_conv(x, kernel, (1, 1), ((-1, 1), (1, 1)), 1)
+  with pytest.raises(ValueError, match='bfloat16'):
+    onednn.forward_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
+                        ((1, 1), (1, 1)), 1)
