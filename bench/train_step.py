@@ -35,7 +35,7 @@ Each row also prints every side's minor page faults per step.
 
 `--xla-defaults` adds a third side, alternated with the other two: our step as XLA runs it
 out of the box, compiled with XLA's own options instead of `sface_jax.xla_options` and with
-XLA's convolutions instead of IResNet's oneDNN calls (`sface_jax.models.onednn`): the
+XLA's convolutions and dots instead of our oneDNN calls (`sface_jax.models.onednn`): the
 before/after of what we do about XLA:CPU.
 `--breakdown` times the pieces of our step separately (backbone forward+backward alone; the
 head's loss and gradient on fixed embeddings; the optimiser update alone) next to the whole

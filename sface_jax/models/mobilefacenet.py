@@ -114,8 +114,7 @@ def _grouped_forward(x: Array, kernel: Array, stride: int,
   kernel where oneDNN runs (`onednn.takes`; 1.7-3.4× faster than the tap sum on
   MobileFaceNet's layers, BENCHMARKS.md § What we tried), the tap sum otherwise (the
   grouped stem's 2 channels per group are no faster on oneDNN)."""
-  if (kernel.shape[2] == 1 and onednn.takes(x, kernel)
-      and all(p >= 0 for pair in padding for p in pair)):
+  if kernel.shape[2] == 1 and onednn.takes(x, kernel, padding=padding):
     return onednn.forward_conv(x, kernel, (stride, stride), padding, groups)
   return _taps_forward(x, kernel, stride, padding, groups)
 
@@ -137,7 +136,7 @@ def grouped_conv_taps(x: Array, kernel: Array, stride: int,
   return _grouped_forward(x, kernel, stride, padding, groups)
 
 
-def _taps_forward_with_residuals(x, kernel, stride, padding, groups):
+def _forward_with_residuals(x, kernel, stride, padding, groups):
   return _grouped_forward(x, kernel, stride, padding, groups), (x, kernel)
 
 
@@ -184,7 +183,7 @@ def _taps_backward(stride, padding, groups, residuals, dy):
   return dx, dkernel.astype(kernel.dtype)
 
 
-grouped_conv_taps.defvjp(_taps_forward_with_residuals, _taps_backward)
+grouped_conv_taps.defvjp(_forward_with_residuals, _taps_backward)
 
 
 def pointwise_as_matmul(lhs: Array, rhs: Array, window_strides: Sequence[int], padding,

@@ -122,7 +122,7 @@ def _backward(strides, padding, residuals, dy):
   dkernel = jax.vjp(lambda w: xla_conv(x, w), kernel)[1](dy)[0]
   # stride 1: dx is dy convolved with the flipped kernel, padded by k − 1 − p on each side
   dx_padding = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], padding))
-  if strides == (1, 1) and all(p >= 0 for pair in dx_padding for p in pair):
+  if strides == (1, 1) and takes(dy, kernel, padding=dx_padding):
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     dx = _onednn_conv(dy, flipped, (1, 1), dx_padding)
   else:
@@ -181,9 +181,9 @@ _enabled = [True]
 
 @contextlib.contextmanager
 def disabled():
-  """Trace with XLA's convolutions only: for programs that leave this process (a
+  """Trace with XLA's convolutions and dots only: for programs that leave this process (a
   SavedModel's serialized module runs in TensorFlow's own XLA, which may read the
-  configuration differently)."""
+  configuration differently) or that XLA must cost."""
   _enabled.append(False)
   try:
     yield
@@ -204,10 +204,12 @@ def available() -> bool:
           and jaxlib.__version__ in TESTED_JAXLIB)
 
 
-def takes(*operands: Array) -> bool:
-  """Whether a oneDNN call would be emitted for these operands now: `available()`, and all
-  of them float32 (the dtype the calls were tested with)."""
-  return available() and all(operand.dtype == jnp.float32 for operand in operands)
+def takes(*operands: Array, padding: Padding = ()) -> bool:
+  """Whether a oneDNN call would be emitted for these operands now: `available()`, all of
+  them float32 (the dtype the calls were tested with), and no negative (cropping) padding,
+  which oneDNN's convolution does not take."""
+  return (available() and all(operand.dtype == jnp.float32 for operand in operands)
+          and all(p >= 0 for pair in padding for p in pair))
 
 
 def forward_conv(x: Array, kernel: Array, strides: Tuple[int, int], padding: Padding,
@@ -217,11 +219,11 @@ def forward_conv(x: Array, kernel: Array, strides: Tuple[int, int], padding: Pad
 
   x (B, H, W, C_in) and kernel (kh, kw, C_in / groups, C_out), as
   `lax.conv_general_dilated(..., ('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)`;
-  padding explicit and not negative. Only where `takes(x, kernel)`.
+  padding explicit. Only where `takes(x, kernel, padding=padding)`.
   """
-  if not takes(x, kernel) or any(p < 0 for pair in padding for p in pair):
+  if not takes(x, kernel, padding=padding):
     raise ValueError(f'no oneDNN convolution for {x.dtype} {x.shape} * {kernel.dtype} '
-                     f'{kernel.shape}, padding {padding}: check onednn.takes and the padding')
+                     f'{kernel.shape}, padding {padding}: check onednn.takes')
   return _conv_p.bind(x, kernel, strides=tuple(strides),
                       padding=tuple(tuple(pair) for pair in padding), groups=groups)
 
