@@ -35,7 +35,8 @@ Each row also prints every side's minor page faults per step.
 
 `--xla-defaults` adds a third side, alternated with the other two: our step as XLA runs it
 out of the box, compiled with XLA's own options instead of `sface_jax.xla_options` and with
-XLA's convolutions and dots instead of our oneDNN calls (`sface_jax.models.onednn`): the
+XLA's convolutions, dots and reductions instead of our oneDNN calls and kernels
+(`sface_jax.models.onednn`, `sface_jax.models.cpu_kernels`): the
 before/after of what we do about XLA:CPU.
 `--breakdown` times the pieces of our step separately (backbone forward+backward alone; the
 head's loss and gradient on fixed embeddings; the optimiser update alone) next to the whole
@@ -77,7 +78,7 @@ from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-imp
 import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax import models, sharding, train, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sface_jax.models import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Window = Callable[[], None]  # runs `--steps` steps and waits for the device
 
@@ -140,8 +141,8 @@ class JaxStep:
   """Our jitted train step on every device of `device`'s kind, with its state."""
 
   def __init__(self, config, num_classes: int, device: str, compiler_options=None):
-    # {}: XLA as it comes, its own options and its own convolutions (no oneDNN calls)
-    self.tracing = onednn.disabled if compiler_options == {} else contextlib.nullcontext
+    # {}: XLA as it comes, its own options and operations (no oneDNN calls, no kernels of ours)
+    self.tracing = custom_calls.disabled if compiler_options == {} else contextlib.nullcontext
     self.mesh = sharding.make_mesh(jax.devices(device))
     self.setup = train.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
                                   total_steps=1_000_000, mesh=self.mesh)

@@ -17,6 +17,7 @@ import multi_device
 
 from sface_jax import models
 from sface_jax import xla_options
+from sface_jax.models import custom_calls
 from sface_jax.models import onednn
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def test_grouped_conv_taps_equals_xla_convolution(cin, cout, groups, kernel, str
   cotangent = rng.normal(size=(2, out_h, out_w, cout)).astype(np.float32)
   expected = value_and_vjp(xla, jnp.float32)(x, w, cotangent)
   got = value_and_vjp(taps, jnp.float32)(x, w, cotangent)  # depthwise: oneDNN's forward
-  with onednn.disabled():  # every forward a tap sum
+  with custom_calls.disabled():  # every forward a tap sum
     got_taps = value_and_vjp(taps, jnp.float32)(x, w, cotangent)
   got16 = value_and_vjp(taps, jnp.bfloat16)(x, w, cotangent)
   assert got[0].shape == (2, out_h, out_w, cout)
@@ -230,7 +231,7 @@ def test_tap_sum_is_compiled_once_not_into_each_consumer():
     y = mobilefacenet.grouped_conv_taps(x, w, 1, ((1, 1), (1, 1)), 8)
     return y - y.mean(axis=(0, 1, 2)), jnp.where(y > 0, y, 0.25 * y), jnp.exp(y)
 
-  with onednn.disabled():  # a depthwise forward would be oneDNN's, not a tap sum
+  with custom_calls.disabled():  # a depthwise forward would be oneDNN's, not a tap sum
     compiled = jax.jit(three_consumers, compiler_options=xla_options.compiler_options('cpu')
                       ).lower(jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 1, 8))).compile()
   computations = re.split(r'\n(?=\S.*\{\n)', compiled.as_text())

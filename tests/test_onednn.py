@@ -102,16 +102,6 @@ def test_falls_back_to_xla_where_onednn_is_not_used():
 
 
 @needs_onednn
-def test_several_devices_get_xla_convolutions():
-  """XLA's partitioner cannot split the custom call, so a mesh of CPU devices keeps XLA's."""
-  import multi_device  # pylint: disable=g-import-not-at-top
-  code = ('from sface_jax.models import onednn; import jax; '
-          'print(jax.device_count(), onednn.available())')
-  assert multi_device.run_python('-c', code, devices=2).stdout.split() == ['2', 'False']
-  assert multi_device.run_python('-c', code, devices=1).stdout.split() == ['1', 'True']
-
-
-@needs_onednn
 @pytest.mark.parametrize('rows,inner,cols', [(300, 8, 12), (7, 64, 3), (1, 5, 1)])
 def test_matmul_and_its_gradients_match_numpy_and_are_onednn_calls(rows, inner, cols):
   rng = np.random.default_rng(rows)

@@ -23,7 +23,8 @@ written as nine shifted multiply-adds (`python bench/backbone.py --models mbf
 --grouped_conv taps|xla` compares the two).
 `grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses, with a
 hand-written backward (`grouped_conv_taps`); depthwise forward passes (and their stride-1
-input gradients) go to oneDNN's depthwise kernel where `onednn` runs, faster still. 'xla'
+input gradients) go to oneDNN's depthwise kernel where `onednn` runs, faster still, and the
+kernel gradients to our compiled CPU kernel (`cpu_kernels`). 'xla'
 uses `lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto'
 (default) picks 'taps' only when tracing for the CPU backend, where it was measured to
 help. Same result, same parameters. The 1×1 convolutions are matmuls on the CPU
@@ -37,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sface_jax.models import cpu_kernels
 from sface_jax.models import onednn
 from sface_jax.models.iresnet import PReLU, batch_norm, check_images, embedding_outputs
 
@@ -131,7 +133,8 @@ def grouped_conv_taps(x: Array, kernel: Array, stride: int,
   The gradient is written out (`_taps_backward`) because XLA's own transpose of the sum
   computes the kernel gradient as one reduction per tap, each reading the input and the
   output gradient again (3-4× slower than PyTorch's depthwise backward at stride 1).
-  Depthwise forward passes run on oneDNN where they can (`_grouped_forward`).
+  Depthwise forward passes run on oneDNN where they can (`_grouped_forward`), kernel
+  gradients on our CPU kernel (`cpu_kernels`).
   """
   return _grouped_forward(x, kernel, stride, padding, groups)
 
@@ -140,28 +143,13 @@ def _forward_with_residuals(x, kernel, stride, padding, groups):
   return _grouped_forward(x, kernel, stride, padding, groups), (x, kernel)
 
 
-def _taps_backward(stride, padding, groups, residuals, dy):
-  """d/dx: at stride 1, the same tap sum over dy with the kernel flipped and each group's
-  (in, out) swapped, padded by k − 1 − p; at stride s > 1, the transpose of the (linear)
-  forward in x, without computing the forward again (its strided-slice transposes fuse
-  into one loop, and a dilated dy would be s² times larger).
-  d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] · dy[b, p, q, g, o]:
-  all taps in one variadic reduction that reads x and dy once, accumulated in float32 (over
-  the batch first where that is faster, see below).
-  """
-  x, kernel = residuals
-  kh, kw, group_in, features = kernel.shape
-  group_out = features // groups
-  if stride == 1:
-    flipped = kernel[::-1, ::-1].reshape(kh, kw, group_in, groups, group_out)
-    transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, group_out, x.shape[-1])
-    dx = _grouped_forward(dy, transposed, 1,
-                          ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                           (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
-  else:
-    transpose = jax.linear_transpose(
-        lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
-    dx, = transpose(dy)
+def _reduced_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], stride: int,
+                         padding: Sequence[Tuple[int, int]], groups: int) -> Array:
+  """d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] · dy[b, p, q, g, o]
+  in XLA: all taps in one variadic reduction that reads x and dy once, accumulated in float32
+  (over the batch first where that is faster, see below). Where our CPU kernel is not
+  available: it is 3.5-26× faster (`cpu_kernels`)."""
+  kh, kw, group_in, features = kernel_shape
   out_h, out_w = dy.shape[1:3]
   grouped_x = _split_groups(_pad(x, padding), groups).astype(jnp.float32)
   grouped_dy = _split_groups(dy, groups).astype(jnp.float32)
@@ -179,7 +167,34 @@ def _taps_backward(stride, padding, groups, residuals, dy):
                         (0,) if batch_first else (0, 1, 2))
   if batch_first:
     sums = [partial.sum((0, 1)) for partial in sums]
-  dkernel = jnp.stack(sums).reshape(group_in, kh, kw, features).transpose(1, 2, 0, 3)
+  return jnp.stack(sums).reshape(group_in, kh, kw, features).transpose(1, 2, 0, 3)
+
+
+def _taps_backward(stride, padding, groups, residuals, dy):
+  """d/dx: at stride 1, the same tap sum over dy with the kernel flipped and each group's
+  (in, out) swapped, padded by k − 1 − p; at stride s > 1, the transpose of the (linear)
+  forward in x, without computing the forward again (its strided-slice transposes fuse
+  into one loop, and a dilated dy would be s² times larger).
+  d/dkernel: our CPU kernel where it is available (`cpu_kernels`), else XLA's reductions
+  (`_reduced_kernel_grad`).
+  """
+  x, kernel = residuals
+  kh, kw, group_in, features = kernel.shape
+  group_out = features // groups
+  if stride == 1:
+    flipped = kernel[::-1, ::-1].reshape(kh, kw, group_in, groups, group_out)
+    transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, group_out, x.shape[-1])
+    dx = _grouped_forward(dy, transposed, 1,
+                          ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                           (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
+  else:
+    transpose = jax.linear_transpose(
+        lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
+    dx, = transpose(dy)
+  if cpu_kernels.available():
+    dkernel = cpu_kernels.grouped_conv_kernel_grad(x, dy, kernel.shape, stride, padding, groups)
+  else:
+    dkernel = _reduced_kernel_grad(x, dy, kernel.shape, stride, padding, groups)
   return dx, dkernel.astype(kernel.dtype)
 
 

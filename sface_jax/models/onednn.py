@@ -19,21 +19,21 @@ gradient of strided convolutions stay XLA's (`jax.vjp` of `lax.conv_general_dila
 thunk offers only oneDNN's forward convolution. `matmul`'s product and both its gradients
 (dy·bᵀ and aᵀ·dy, oneDNN's transposed-operand flags). `forward_conv`, a grouped forward
 convolution with no gradient rule of its own: MobileFaceNet's depthwise layers run their
-forward pass and stride-1 input gradient on oneDNN's depthwise kernels and keep their own
-kernel gradient (mobilefacenet.grouped_conv_taps).
+forward pass and stride-1 input gradient on oneDNN's depthwise kernels and take their kernel
+gradient elsewhere (mobilefacenet.grouped_conv_taps).
 
 The calls' configurations are XLA's `OneDnnConvolutionConfig` and `OneDnnMatMulConfig`
 (xla/service/cpu/onednn_config.proto) in their JSON form. Their conventions have changed
 between XLA versions (older ones stored dimensions and window sizes plus one), so the path is
 taken only with the jaxlib versions it was tested with (TESTED_JAXLIB); any other version,
-platform or dtype, any convolution that is not plain (grouped, dilated, not NHWC/HWIO), or a
-mesh of several devices (`available`), gets XLA's `lax.conv_general_dilated` and `jnp.dot`
+platform or dtype, any convolution that is not plain (grouped, dilated, not NHWC/HWIO), a
+mesh of several devices or a trace inside `custom_calls.disabled()` (`available`; the
+`custom_calls` module says why) gets XLA's `lax.conv_general_dilated` and `jnp.dot`
 unchanged. tests/test_onednn.py compares both with XLA's and with float64 NumPy.
 The lowering uses `jax._src.interpreters.mlir.custom_call`: `jax.ffi.ffi_call` emits typed-FFI
 calls whose attributes XLA would not read as this BackendConfig.
 """
 
-import contextlib
 import functools
 import json
 from typing import Optional, Sequence, Tuple, Union
@@ -43,6 +43,8 @@ from jax._src.interpreters import mlir  # private: see the module docstring's la
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 import jaxlib
+
+from sface_jax.models import custom_calls
 
 Array = jax.Array
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
@@ -176,32 +178,11 @@ def _matmul_backward(residuals, dy):
 _onednn_matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
-_enabled = [True]
-
-
-@contextlib.contextmanager
-def disabled():
-  """Trace with XLA's convolutions and dots only: for programs that leave this process (a
-  SavedModel's serialized module runs in TensorFlow's own XLA, which may read the
-  configuration differently) or that XLA must cost."""
-  _enabled.append(False)
-  try:
-    yield
-  finally:
-    _enabled.pop()
-
-
 def available() -> bool:
-  """Whether oneDNN calls are emitted when traced now: the CPU, a tested jaxlib, one
-  device, and not inside `disabled()`.
-
-  One device, because XLA's SPMD partitioner knows nothing of the custom call: with the
-  batch sharded over several CPU devices it would gather every convolution's input onto
-  each device (the planner's test on 8 forced devices counted 3.4 MB of all-gathers per
-  step where the layout needs 2 KB). A CPU run is one device unless forced otherwise.
-  """
-  return (_enabled[-1] and jax.default_backend() == 'cpu' and jax.device_count() == 1
-          and jaxlib.__version__ in TESTED_JAXLIB)
+  """Whether oneDNN calls are emitted when traced now: custom calls allowed
+  (`custom_calls.allowed`: the CPU, one device, not `custom_calls.disabled()`) and a tested
+  jaxlib."""
+  return custom_calls.allowed() and jaxlib.__version__ in TESTED_JAXLIB
 
 
 def takes(*operands: Array, padding: Padding = ()) -> bool:
