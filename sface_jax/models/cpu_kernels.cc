@@ -126,8 +126,8 @@ struct Chunks {
 
   // Runs chunks until none is left to take.
   void Work() {
+    const int64_t batch = geometry.batch;
     for (int64_t k = next++; k < count; k = next++) {
-      const int64_t batch = geometry.batch;
       KernelGradRange(geometry, x, dy, k * batch / count, (k + 1) * batch / count,
                       partial[k].data());
       std::lock_guard<std::mutex> lock(mutex);
@@ -136,10 +136,9 @@ struct Chunks {
   }
 };
 
-ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, Array5 x,
-                                 Array5 dy,
-                                 ffi::Result<Array5> dkernel,
-                                 int64_t stride, int64_t pad_top, int64_t pad_left) {
+ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, Array5 x, Array5 dy,
+                                 ffi::Result<Array5> dkernel, int64_t stride,
+                                 int64_t pad_top, int64_t pad_left) {
   const auto xd = x.dimensions(), dyd = dy.dimensions(), kd = dkernel->dimensions();
   const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], xd[4], kd[0], kd[1],
                    stride, pad_top, pad_left};

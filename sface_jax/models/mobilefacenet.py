@@ -24,10 +24,9 @@ written as nine shifted multiply-adds (`python bench/backbone.py --models mbf
 `grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses, with a
 hand-written backward (`grouped_conv_taps`); depthwise forward passes (and their stride-1
 input gradients) go to oneDNN's depthwise kernel where `onednn` runs, faster still, and the
-kernel gradients to our compiled CPU kernel (`cpu_kernels`). 'xla'
-uses `lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto'
-(default) picks 'taps' only when tracing for the CPU backend, where it was measured to
-help. Same result, same parameters. The 1×1 convolutions are matmuls on the CPU
+kernel gradients to our compiled CPU kernel (`cpu_kernels`). 'xla' uses
+`lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto' (default)
+picks 'taps' only when tracing for the CPU backend, where it was measured to help. Same result, same parameters. The 1×1 convolutions are matmuls on the CPU
 (`pointwise_as_matmul`, on oneDNN where it runs).
 """
 
