@@ -1,6 +1,6 @@
 """sface_jax.models.cpu_kernels (our compiled CPU kernels) and custom_calls (where custom calls
-are traced): the grouped-convolution kernel gradient against float64 NumPy, the compiled
-gradient's call, the fallbacks."""
+are traced): the grouped and dense convolutions' kernel gradients against float64 NumPy, the
+compiled gradients' calls, the fallbacks."""
 
 import textwrap
 
@@ -81,6 +81,46 @@ def test_kernel_grad_matches_numpy(batch, side, cin, cout, groups, kernel, strid
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf16, np.float32), expected,
                              atol=0.03 * np.abs(expected).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize('batch,side,cin,cout,kernel,stride,padding', [
+    (3, 12, 3, 16, 3, 1, ((1, 1), (1, 1))),       # IResNet's stem: a 3-channel tile
+    (2, 40, 13, 24, 3, 1, ((1, 1), (1, 1))),      # rows of one image per block, the last
+                                                  # block short; 6 + 6 + 1 in, 16 + 8 out
+    (5, 12, 20, 8, 3, 1, ((1, 1), (1, 1))),       # whole images per block (2 of 12×12)
+    (3, 20, 8, 16, 3, 2, ((1, 1), (1, 1))),       # stride 2: four phase planes
+    (3, 11, 8, 16, 1, 2, ((0, 0), (0, 0))),       # IResNet's 1×1 stride-2 shortcut, odd side
+    (2, 9, 6, 32, 3, 1, ((0, 2), (1, 0))),        # asymmetric padding
+    (2, 4, 5, 8, 3, 1, ((3, 3), (3, 3))),         # padding past k − 1
+    (2, 13, 7, 16, 5, 2, ((-1, 2), (2, -2))),     # 5×5, negative padding crops
+    (1, 40, 130, 8, 3, 1, ((1, 1), (1, 1))),      # one image; input channels in two blocks
+])
+def test_dense_kernel_grad_matches_numpy(batch, side, cin, cout, kernel, stride, padding):
+  rng = np.random.default_rng(side * cin + stride)
+  x = rng.normal(size=(batch, side, side, cin)).astype(np.float32)
+  kernel_shape = (kernel, kernel, cin, cout)
+  out_h = (side + sum(padding[0]) - kernel) // stride + 1
+  out_w = (side + sum(padding[1]) - kernel) // stride + 1
+  dy = rng.normal(size=(batch, out_h, out_w, cout)).astype(np.float32)
+  got = jax.jit(lambda x, dy: cpu_kernels.conv_kernel_grad(
+      x, dy, kernel_shape, stride, padding))(x, dy)
+  expected = numpy_kernel_grad(x, dy, kernel_shape, stride, padding, groups=1)
+  assert got.dtype == jnp.float32 and got.shape == kernel_shape
+  # float32 sums of at most 2·40·40 products of unit normals: ~1e-6 relative to the largest
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_dense_kernel_grad_takes_float32_and_whole_vectors_only():
+  """What the dense kernel cannot run is refused by `takes_dense` (and the IResNet gradient
+  falls back to XLA's, tests/test_onednn.py): other dtypes, output channels not a multiple of
+  8."""
+  x, dy = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 12))
+  assert not cpu_kernels.takes_dense(x, dy)
+  assert not cpu_kernels.takes_dense(x.astype(jnp.bfloat16), dy[..., :8].astype(jnp.bfloat16))
+  assert cpu_kernels.takes_dense(x, dy[..., :8]) == cpu_kernels.available()
+  with pytest.raises(ValueError, match='takes_dense'):
+    cpu_kernels.conv_kernel_grad(x, dy, (3, 3, 3, 12), 1, ((1, 1), (1, 1)))
 
 
 @needs_kernels

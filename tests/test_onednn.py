@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sface_jax.models import cpu_kernels
 from sface_jax.models import onednn
 
 NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')  # what flax.linen.Conv passes
@@ -17,7 +18,8 @@ SHAPES = [(12, 3, 8, 3, 1, ((1, 1), (1, 1))),     # the stem
           (12, 8, 16, 3, 2, ((1, 1), (1, 1))),    # a stage's strided conv2
           (12, 8, 16, 1, 2, 'VALID'),             # the 1×1 strided shortcut
           (9, 8, 8, 3, 1, ((0, 2), (1, 0))),      # uneven padding, odd side
-          (7, 4, 8, 1, 1, 'VALID')]               # a stride-1 1×1
+          (7, 4, 8, 1, 1, 'VALID'),               # a stride-1 1×1
+          (8, 4, 12, 3, 1, ((1, 1), (1, 1)))]     # 12 outputs: XLA's kernel gradient
 
 
 def xla_conv(x, kernel, stride, padding):
@@ -75,9 +77,14 @@ def test_compiles_to_the_onednn_call_forward_and_for_the_stride1_input_gradient(
                                     dimension_numbers=NHWC_HWIO) ** 2)
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
-  # forward, and the input gradient; the kernel gradient is XLA's convolution
+  # forward, and the input gradient; the kernel gradient is our compiled kernel where it
+  # builds (cpu_kernels), else XLA's convolution
   assert hlo.count('custom_call_target="__onednn$convolution"') == 2, hlo
-  assert ' convolution(' in hlo
+  if cpu_kernels.available():
+    assert hlo.count(f'custom_call_target="{cpu_kernels._DENSE_KERNEL_GRAD}"') == 1, hlo  # pylint: disable=protected-access
+    assert ' convolution(' not in hlo
+  else:
+    assert ' convolution(' in hlo
 
 
 def test_falls_back_to_xla_where_onednn_is_not_used():

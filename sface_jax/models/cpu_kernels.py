@@ -1,13 +1,24 @@
 """Our own CPU kernels, compiled from cpu_kernels.cc on first use, called through XLA's FFI.
 
-Why: the kernel gradient of a depthwise or grouped convolution is a reduction over the batch
-and the positions for every (tap, channel). XLA:CPU runs grouped convolutions through a slow
-generic loop, and the same gradient written as reductions (mobilefacenet's `_taps_backward`)
-compiles to one scalar loop per output element: about 2-3 G multiply-adds/s on two cores,
-against 30-40 G/s for PyTorch's kernel, and no way of writing it in XLA beat that (BENCHMARKS.md
-§ What we tried). cpu_kernels.cc sums the same products with the channels as its vectorised
-inner loop and the images split over XLA's intra-op threads: 3.5-26× faster than the reductions
-on MobileFaceNet's layers (BENCHMARKS.md § MobileFaceNet's convolutions one by one).
+Why, for grouped convolutions (`grouped_conv_kernel_grad`): the kernel gradient of a
+depthwise or grouped convolution is a reduction over the batch and the positions for every
+(tap, channel). XLA:CPU runs grouped convolutions through a slow generic loop, and the same
+gradient written as reductions (mobilefacenet's `_taps_backward`) compiles to one scalar loop
+per output element: about 2-3 G multiply-adds/s on two cores, against 30-40 G/s for
+PyTorch's kernel, and no way of writing it in XLA beat that (BENCHMARKS.md § What we tried).
+cpu_kernels.cc sums the same products with the channels as its vectorised inner loop and the
+images split over XLA's intra-op threads: 3.5-26× faster than the reductions on MobileFaceNet's
+layers (BENCHMARKS.md § MobileFaceNet's grouped kernel gradients).
+
+Why, for dense convolutions (`conv_kernel_grad`, IResNet's): XLA:CPU runs their kernel
+gradient as an Eigen convolution over batch-minor copies of the activations, and oneDNN's
+backward primitive is out of reach (the oneDNN custom call runs only forward convolutions;
+as one, the kernel gradient took 1,000× longer: BENCHMARKS.md § What we tried). Eigen
+reaches the machine's multiply-add rate on the 14×14 maps but not on the large early maps,
+nor on the 1×1 stride-2 shortcuts. cpu_kernels.cc runs the gradient as a blocked matrix
+product (a tap's kernel gradient is x_tapᵀ · dy over the positions) on packed panels, with no
+copy of the activations per tap: 1.0-1.5× faster than Eigen on IR-50's 3×3 layers, 1.6-5× on
+its 1×1 shortcuts (BENCHMARKS.md § IResNet's kernel gradients on our compiled kernel).
 
 How: the first call that needs the library compiles cpu_kernels.cc with the C++ compiler
 ($CXX, else c++ or g++ on the PATH) against jaxlib's XLA FFI headers (`jax.ffi.include_dir()`),
@@ -46,6 +57,7 @@ Array = jax.Array
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _KERNEL_GRAD = 'sface_grouped_conv_kernel_grad'
+_DENSE_KERNEL_GRAD = 'sface_conv_kernel_grad'
 
 
 def cache_dir() -> pathlib.Path:
@@ -98,7 +110,7 @@ def _load() -> bool:
   cxx = compiler()
   if cxx is None:
     warnings.warn('sface_jax.models.cpu_kernels: no C++ compiler (set CXX, or install g++); '
-                  "using XLA's slower reductions for grouped convolutions' kernel gradients")
+                  "convolutions' kernel gradients use XLA's slower operations")
     return False
   try:
     library = _library_path(cxx)
@@ -108,10 +120,12 @@ def _load() -> bool:
   except (OSError, subprocess.CalledProcessError) as error:
     detail = getattr(error, 'stderr', '') or ''
     warnings.warn(f'sface_jax.models.cpu_kernels: could not build or load {SOURCE.name} with '
-                  f"{cxx} ({error}); using XLA's reductions instead.\n{detail[-2000:]}")
+                  f"{cxx} ({error}); convolutions' kernel gradients use XLA's slower operations."
+                  f'\n{detail[-2000:]}')
     return False
-  handler = jax.ffi.pycapsule(handlers.SfaceGroupedConvKernelGrad)
-  jax.ffi.register_ffi_target(_KERNEL_GRAD, handler, platform='cpu')
+  for target, handler in ((_KERNEL_GRAD, handlers.SfaceGroupedConvKernelGrad),
+                          (_DENSE_KERNEL_GRAD, handlers.SfaceConvKernelGrad)):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   return True
 
 
@@ -145,3 +159,29 @@ def grouped_conv_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], s
           stride=np.int64(stride), pad_top=np.int64(padding[0][0]),
           pad_left=np.int64(padding[1][0]))
   return dkernel.swapaxes(3, 4).reshape(kernel_shape).astype(x.dtype)
+
+
+def conv_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], stride: int,
+                     padding: Sequence[Tuple[int, int]]) -> Array:
+  """d/dkernel of `lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+  ('NHWC', 'HWIO', 'NHWC'))` for the cotangent dy: for every tap (i, j),
+
+  dkernel[i, j] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, :]ᵀ · dy[b, p, q, :]
+
+  (an outer product of input and output channels per position; negative padding crops), in
+  float32. Only where `takes_dense(dy)`: available, float32, C_out a multiple of 8.
+  """
+  if not takes_dense(x, dy):
+    raise ValueError(f'cpu_kernels.conv_kernel_grad: no kernel for x {x.dtype} {x.shape}, '
+                     f'dy {dy.dtype} {dy.shape}; check cpu_kernels.takes_dense')
+  return jax.ffi.ffi_call(_DENSE_KERNEL_GRAD, jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(
+      x, dy, stride=np.int64(stride), pad_top=np.int64(padding[0][0]),
+      pad_left=np.int64(padding[1][0]))
+
+
+def takes_dense(x: Array, dy: Array) -> bool:
+  """Whether `conv_kernel_grad` runs for these operands now: `available()`, both float32
+  (the dense kernel's only dtype: IResNet's CPU convolutions are float32) and the output
+  channels a multiple of 8, the kernel's vector width."""
+  return (available() and x.dtype == dy.dtype == jnp.float32 and dy.ndim == 4
+          and dy.shape[-1] % 8 == 0)

@@ -14,9 +14,10 @@ ENABLE_ONEDNN_ASYNC), and the `xla_cpu_use_onednn` options change nothing (BENCH
 
 What runs on oneDNN: `conv`'s forward convolution and the input gradient of stride-1
 convolutions (the same forward convolution of dy, with the kernel flipped in space, its
-input and output channels swapped, and padding k − 1 − p); the kernel gradient and the input
-gradient of strided convolutions stay XLA's (`jax.vjp` of `lax.conv_general_dilated`): the
-thunk offers only oneDNN's forward convolution. `matmul`'s product and both its gradients
+input and output channels swapped, and padding k − 1 − p). The thunk offers only oneDNN's
+forward convolution, so the input gradient of strided convolutions stays XLA's (`jax.vjp` of
+`lax.conv_general_dilated`), and the kernel gradient is our compiled kernel
+(`cpu_kernels.conv_kernel_grad`) where it runs, else XLA's. `matmul`'s product and both its gradients
 (dy·bᵀ and aᵀ·dy, oneDNN's transposed-operand flags). `forward_conv`, a grouped forward
 convolution with no gradient rule of its own: MobileFaceNet's depthwise layers run their
 forward pass and stride-1 input gradient on oneDNN's depthwise kernels and take their kernel
@@ -44,6 +45,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import jaxlib
 
+from sface_jax.models import cpu_kernels
 from sface_jax.models import custom_calls
 
 Array = jax.Array
@@ -121,7 +123,10 @@ def _forward(x, kernel, strides, padding):
 def _backward(strides, padding, residuals, dy):
   x, kernel = residuals
   xla_conv = functools.partial(_xla_conv, strides=strides, padding=padding)
-  dkernel = jax.vjp(lambda w: xla_conv(x, w), kernel)[1](dy)[0]
+  if strides[0] == strides[1] and cpu_kernels.takes_dense(x, dy):
+    dkernel = cpu_kernels.conv_kernel_grad(x, dy, kernel.shape, strides[0], padding)
+  else:
+    dkernel = jax.vjp(lambda w: xla_conv(x, w), kernel)[1](dy)[0]
   # stride 1: dx is dy convolved with the flipped kernel, padded by k − 1 − p on each side
   dx_padding = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], padding))
   if strides == (1, 1) and takes(dy, kernel, padding=dx_padding):
