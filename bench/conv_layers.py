@@ -15,9 +15,10 @@ the depthwise 3×3s and the 7×7 GDC), each timed as three jitted JAX calls (y, 
 through `jax.vjp`) and the three matching PyTorch calls (`F.conv2d`,
 `aten.convolution_backward` for the input and for the weight), then summed with each
 shape's multiplicity in the network. Every convolution runs as the model runs it on the CPU:
-IR-50's through `onednn.conv`, MobileFaceNet's 1×1 as matmuls (`pointwise_as_matmul`), its
-grouped ones as `mobilefacenet.grouped_conv_taps` (oneDNN's depthwise forward, our kernel
-gradient); `--xla-defaults` runs XLA's own options and operations instead. Best of
+IR-50's through `onednn.conv` (oneDNN's forward convolution, our compiled kernel gradient),
+MobileFaceNet's 1×1 as matmuls (`pointwise_as_matmul`), its grouped ones as
+`mobilefacenet.grouped_conv_taps` (oneDNN's depthwise forward, our kernel gradient);
+`--xla-defaults` runs XLA's own options and operations instead. Best of
 `--repeats` after one untimed call; JAX and PyTorch run in the same process on the same
 threads.
 """

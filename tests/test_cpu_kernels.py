@@ -89,11 +89,12 @@ def test_kernel_grad_matches_numpy(batch, side, cin, cout, groups, kernel, strid
     (2, 40, 13, 24, 3, 1, ((1, 1), (1, 1))),      # rows of one image per block, the last
                                                   # block short; 6 + 6 + 1 in, 16 + 8 out
     (5, 12, 20, 8, 3, 1, ((1, 1), (1, 1))),       # whole images per block (2 of 12×12)
-    (3, 20, 8, 16, 3, 2, ((1, 1), (1, 1))),       # stride 2: four phase planes
+    (3, 26, 8, 16, 3, 2, ((1, 1), (1, 1))),       # stride 2: four phase planes (rows of 13)
     (3, 11, 8, 16, 1, 2, ((0, 0), (0, 0))),       # IResNet's 1×1 stride-2 shortcut, odd side
     (2, 9, 6, 32, 3, 1, ((0, 2), (1, 0))),        # asymmetric padding
     (2, 4, 5, 8, 3, 1, ((3, 3), (3, 3))),         # padding past k − 1
-    (2, 13, 7, 16, 5, 2, ((-1, 2), (2, -2))),     # 5×5, negative padding crops
+    (2, 29, 7, 16, 5, 2, ((-1, 2), (2, -2))),     # 5×5, negative padding crops
+    (2, 13, 7, 16, 5, 2, ((-1, 2), (2, -2))),     # the same on rows of 5: taps packed alone
     (1, 40, 130, 8, 3, 1, ((1, 1), (1, 1))),      # one image; input channels in two blocks
 ])
 def test_dense_kernel_grad_matches_numpy(batch, side, cin, cout, kernel, stride, padding):
@@ -107,6 +108,10 @@ def test_dense_kernel_grad_matches_numpy(batch, side, cin, cout, kernel, stride,
       x, dy, kernel_shape, stride, padding))(x, dy)
   expected = numpy_kernel_grad(x, dy, kernel_shape, stride, padding, groups=1)
   assert got.dtype == jnp.float32 and got.shape == kernel_shape
+  # fixed chunks of images per thread, summed in a fixed order: the same bits every call
+  # (a resumed run replays its steps exactly)
+  np.testing.assert_array_equal(got, jax.jit(lambda x, dy: cpu_kernels.conv_kernel_grad(
+      x, dy, kernel_shape, stride, padding))(x, dy))
   # float32 sums of at most 2·40·40 products of unit normals: ~1e-6 relative to the largest
   np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 

@@ -219,9 +219,10 @@ void PackOf(const float* a, const Grid& grid, float* panel) {
 }
 
 // x's panel of W input channels for a block of images and output rows, split by the phase
-// of the stride: plane (a, b) holds x[s*r + a - pad_top, s*c + b - pad_left] at (r, c), zero
-// outside the image, so that tap (i, j) of output (p, q) is plane (i % s, j % s) at
-// (p + i / s, q + j / s): every tap a walk with the same strides.
+// of the stride: plane (a, b) holds x[s*r + a - pad_top, s*c + b - pad_left] at (r, c), so
+// that tap (i, j) of output (p, q) is plane (i % s, j % s) at (p + i / s, q + j / s): every
+// tap a walk with the same strides. Places outside the image are left unwritten: the walks
+// cover only the outputs whose tap falls inside (`TapRange`).
 struct XPlanes {
   int64_t phases_h, phases_w, rows, cols, images;
   int64_t plane() const { return images * rows * cols; }
@@ -241,10 +242,8 @@ void PackPlanesOf(const Geometry& g, const float* x, int64_t b0, int64_t p0,
           const float* row = x + ((b0 + n) * g.height + h) * g.width * c_in;
           for (int64_t c = 0; c < planes.cols; ++c, panel += W) {
             const int64_t w = s * c + b - g.pad_left;
-            if (row_inside && 0 <= w && w < g.width) {
+            if (row_inside && 0 <= w && w < g.width) {  // outside: never read (TapRange)
               std::memcpy(panel, row + w * c_in, W * sizeof(float));
-            } else {
-              std::fill(panel, panel + W, 0.0f);
             }
           }
         }
