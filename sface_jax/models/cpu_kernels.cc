@@ -252,27 +252,20 @@ void PackPlanesOf(const Geometry& g, const float* x, int64_t b0, int64_t p0,
   }
 }
 
-// The widths of panels: W = 1 ... 16 channels, each its own instantiation (fixed-size copies).
-template <template <int64_t> class F, int64_t... W>
-constexpr auto ByWidth(std::integer_sequence<int64_t, W...>) {
-  return std::array{&F<W + 1>::Run...};
+// Tables of the packing functions by panel width: entry W - 1 copies W = 1 ... 16 channels
+// (each width its own instantiation, so that the copies have a fixed size).
+template <int64_t... W>
+constexpr auto PackGridByWidth(std::integer_sequence<int64_t, W...>) {
+  return std::array{&PackOf<W + 1>...};
 }
 
-template <int64_t W>
-struct PackGrid {
-  static void Run(const float* a, const Grid& grid, float* panel) { PackOf<W>(a, grid, panel); }
-};
+template <int64_t... W>
+constexpr auto PackPlanesByWidth(std::integer_sequence<int64_t, W...>) {
+  return std::array{&PackPlanesOf<W + 1>...};
+}
 
-template <int64_t W>
-struct PackPlanes {
-  static void Run(const Geometry& g, const float* x, int64_t b0, int64_t p0,
-                  const XPlanes& planes, float* panel) {
-    PackPlanesOf<W>(g, x, b0, p0, planes, panel);
-  }
-};
-
-constexpr auto kPackGrid = ByWidth<PackGrid>(std::make_integer_sequence<int64_t, 16>());
-constexpr auto kPackPlanes = ByWidth<PackPlanes>(std::make_integer_sequence<int64_t, 16>());
+constexpr auto kPackGrid = PackGridByWidth(std::make_integer_sequence<int64_t, 16>());
+constexpr auto kPackPlanes = PackPlanesByWidth(std::make_integer_sequence<int64_t, 16>());
 
 // One tap's walk over packed panels, counted in positions (a panel of W channels holds W
 // floats per position): x and dy advance by one position along an output row, by x_row and
@@ -506,24 +499,22 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, Array4 x, Array4 dy,
   return ffi::Error::Success();
 }
 
+// Both handlers' signature: the pool, x and dy of rank R, dkernel, the window's attributes.
+template <typename Array>
+auto KernelGradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<Array>()
+      .template Arg<Array>()
+      .template Ret<Array>()
+      .template Attr<int64_t>("stride")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SfaceGroupedConvKernelGrad, GroupedConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array5>()
-                                  .Arg<Array5>()
-                                  .Ret<Array5>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+                              KernelGradBinding<Array5>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SfaceConvKernelGrad, ConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SfaceConvKernelGrad, ConvKernelGrad, KernelGradBinding<Array4>());

@@ -134,6 +134,12 @@ def available() -> bool:
   return custom_calls.allowed() and _load()
 
 
+def _window(stride: int, padding: Sequence[Tuple[int, int]]) -> dict:
+  """The kernels' window attributes (the bottom and right padding follow from dy's shape)."""
+  return {'stride': np.int64(stride), 'pad_top': np.int64(padding[0][0]),
+          'pad_left': np.int64(padding[1][0])}
+
+
 def grouped_conv_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], stride: int,
                              padding: Sequence[Tuple[int, int]], groups: int) -> Array:
   """d/dkernel of `lax.conv_general_dilated(x, kernel, (stride, stride), padding,
@@ -156,8 +162,7 @@ def grouped_conv_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], s
   dkernel = jax.ffi.ffi_call(
       _KERNEL_GRAD, jax.ShapeDtypeStruct((kh, kw, group_in, group_out, groups), jnp.float32))(
           groups_innermost(x, group_in), groups_innermost(dy, group_out),
-          stride=np.int64(stride), pad_top=np.int64(padding[0][0]),
-          pad_left=np.int64(padding[1][0]))
+          **_window(stride, padding))
   return dkernel.swapaxes(3, 4).reshape(kernel_shape).astype(x.dtype)
 
 
@@ -175,8 +180,7 @@ def conv_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], stride: i
     raise ValueError(f'cpu_kernels.conv_kernel_grad: no kernel for x {x.dtype} {x.shape}, '
                      f'dy {dy.dtype} {dy.shape}; check cpu_kernels.takes_dense')
   return jax.ffi.ffi_call(_DENSE_KERNEL_GRAD, jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(
-      x, dy, stride=np.int64(stride), pad_top=np.int64(padding[0][0]),
-      pad_left=np.int64(padding[1][0]))
+      x, dy, **_window(stride, padding))
 
 
 def takes_dense(x: Array, dy: Array) -> bool:
