@@ -8,7 +8,7 @@ prints this summary itself. Two tables, in milliseconds per step:
 - by kind of operation (convolution, matmul, reduction, transpose/layout copy, element-wise,
   collective, other) and by part of the step (backbone forward, backbone backward, head
   forward, head backward, optimiser, other), from the `jax.named_scope`s that
-  `train.train_step` opens and the `jvp`/`transpose` names autodiff gives the backward;
+  `step.train_step` opens and the `jvp`/`transpose` names autodiff gives the backward;
 - the slowest single operations, with their shapes and scopes.
 
 How an operation's time is measured: on a GPU, each kernel's own span on the device. On the

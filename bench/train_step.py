@@ -8,9 +8,9 @@
   python bench/train_step.py --device gpu --dtype bfloat16 --batch 128,256 \\
       --num-classes 85742 --profile /tmp/profile         # one GPU (see METHOD below)
 
-What is timed. Ours: `sface_jax.train.train_step` itself (backbone forward and backward,
+What is timed. Ours: `sface_jax.step.train_step` itself (backbone forward and backward,
 the sharded head on the device mesh, the optax SGD-momentum update with weight decay,
-donated state), built by `train.make_setup` from `configs/base.py` with the model, head,
+donated state), built by `step.make_setup` from `configs/base.py` with the model, head,
 batch and class count of the row. PyTorch: the same architecture
 (tests/torch_reference.py, arcface_torch's definitions), an insightface-style head
 (arcface_torch's ArcFace: the margin applied to the target cosine without gradient;
@@ -47,9 +47,11 @@ alone, so a slow pipeline cannot hide. `--profile DIR` writes a JAX profiler tra
 window (TensorBoard's profile plugin reads it) and the compiled step, and prints where the
 time went, by kind of operation and part of the step (bench/profile_summary.py), and
 PyTorch's step by operator (`torch.profiler`, one window: self CPU time, on a GPU its
-kernels' device time). On a GPU,
-MFU is model FLOPs (3 × 2 × dense MACs per image) over a measured bf16 matmul rate, and peak
-device memory is reported.
+kernels' device time). On a GPU, MFU is model FLOPs (3 × 2 × dense MACs per image) over a
+measured bf16 matmul rate (random 8192² operands), and both sides' peak device memory is
+reported: PyTorch's per row, JAX's for the process so far, so that one row per process
+(bench/gpu_session.sh) gives each row its own. JAX's preallocation is turned off there, so
+the two frameworks share the GPU's memory as they need it.
 """
 
 import argparse
@@ -77,7 +79,7 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sface_jax import models, sharding, train, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sface_jax import models, sharding, step as step_lib, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Window = Callable[[], None]  # runs `--steps` steps and waits for the device
@@ -144,26 +146,28 @@ class JaxStep:
     # {}: XLA as it comes, its own options and operations (no oneDNN calls, no kernels of ours)
     self.tracing = custom_calls.disabled if compiler_options == {} else contextlib.nullcontext
     self.mesh = sharding.make_mesh(jax.devices(device))
-    self.setup = train.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
-                                  total_steps=1_000_000, mesh=self.mesh)
-    init = functools.partial(train.create_train_state, config.seed, self.setup)
+    self.setup = step_lib.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
+                                     total_steps=1_000_000, mesh=self.mesh)
+    init = functools.partial(step_lib.create_train_state, config.seed, self.setup)
     self.state_shardings = sharding.tree_shardings(self.mesh, jax.eval_shape(init))
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_shardings)()
-    self.step = train.jit_train_step(self.setup, self.state_shardings, self.mesh,
-                                     compiler_options)
+    self.step = step_lib.jit_train_step(self.setup, self.state_shardings, self.mesh,
+                                        compiler_options)
+    self.metrics = None  # the last step's (`window`)
 
   def put(self, batch):
     return jax.device_put(batch, self.batch_sharding)
 
   def window(self, batches, steps: int) -> Window:
-    """`batches()` gives the next device batch (a fixed one, or the pipeline's next)."""
+    """`batches()` gives the next device batch (a fixed one, or the pipeline's next). The
+    last step's metrics stay in `self.metrics`: a fast step that has diverged counts for
+    nothing, so each row shows its loss."""
     def run():
-      metrics = None
       with self.tracing():  # matters at the first call, which traces the step
         for _ in range(steps):
-          self.state, metrics = self.step(self.state, batches())
-      jax.block_until_ready((self.state, metrics))
+          self.state, self.metrics = self.step(self.state, batches())
+      jax.block_until_ready((self.state, self.metrics))
     return run
 
   def pieces(self, batch, steps: int) -> Dict[str, Window]:
@@ -291,6 +295,14 @@ def torch_profile(window: Window, device: str, steps: int, top: int = 12) -> str
   return '\n'.join(lines)
 
 
+def torch_peak_memory() -> int:
+  """Bytes PyTorch's caching allocator has held at most on the GPU, since the last call."""
+  import torch  # pylint: disable=g-import-not-at-top
+  peak = torch.cuda.max_memory_allocated()
+  torch.cuda.reset_peak_memory_stats()
+  return peak
+
+
 def pipeline_batches(data_dir: str, runner: JaxStep, batch_size: int, image_size: int):
   """`() -> device batch` from the real tf.data pipeline over `data_dir`, and the iterator."""
   from sface_jax.data import pipeline, tfrecord  # pylint: disable=g-import-not-at-top
@@ -327,7 +339,14 @@ def main() -> None:
   parser.add_argument('--profile', default='',
                       help='write a JAX trace of a window and the compiled step under this '
                       'folder, and print where the time went (bench/profile_summary.py)')
+  parser.add_argument('--profile-steps', type=int, default=0,
+                      help='steps in the JAX trace (default --steps): a GPU trace of many '
+                      'steps runs to tens of MB')
   args = parser.parse_args()
+  if args.device == 'gpu' and not args.no_torch:
+    # Before JAX's first device call: JAX takes 75% of the GPU's memory up front by default,
+    # which would leave PyTorch's side, in the same process, too little.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
   print(f'date {datetime.date.today()}  host {platform.node()}  '
         f'cpus {len(os.sched_getaffinity(0))}  jax {jax.__version__} '
@@ -346,7 +365,8 @@ def main() -> None:
   if args.xla_defaults:
     header, rule = header + ' ours, XLA defaults img/s | ours / XLA defaults |', rule + '---|---|'
   if peak:
-    header, rule = header + ' MFU | peak memory |', rule + '---|---|'
+    header, rule = (header + ' MFU | peak memory | PyTorch peak memory |',
+                    rule + '---|---|---|')
   rows = [header, rule]
   for model_name in args.models.split(','):
     flops = 3 * 2 * models.dense_macs(models.get_model(model_name), args.image_size)
@@ -379,15 +399,18 @@ def main() -> None:
           before = batch_size * args.steps / seconds['XLA defaults']
           row += f' {before:.1f} | {ours / before:.2f} |'
           del defaults
-        if peak:
+        if peak:  # JAX's peak is the process's so far: one row per process for a row's own
           memory = jax.devices(args.device)[0].memory_stats() or {}
           row += (f' {100 * flops * ours / peak / runner.mesh.size:.1f}% | '
-                  f'{memory.get("peak_bytes_in_use", 0) / 2**30:.1f} GiB |')
+                  f'{memory.get("peak_bytes_in_use", 0) / 2**30:.1f} GiB | '
+                  + ('— |' if theirs is None else f'{torch_peak_memory() / 2**30:.1f} GiB |'))
         rows.append(row)
         print(row, f'  (load average {os.getloadavg()[0]:.1f})', flush=True)
-        print(f'    warm-up: {rounds} round(s); minor page faults per timed step: ' + ', '.join(
-            f'{name} {statistics.median(counts) / args.steps:,.0f}'
-            for name, counts in faults.items()))
+        loss = float(runner.metrics['loss'])
+        print(f'    warm-up: {rounds} round(s); our loss after {int(runner.state.step)} steps '
+              f'{loss:.3f}{"" if np.isfinite(loss) else " (NOT FINITE)"}; minor page faults '
+              'per timed step: ' + ', '.join(f'{name} {statistics.median(counts) / args.steps:,.0f}'
+                                             for name, counts in faults.items()))
         if args.breakdown:
           parts = paired_medians({'whole step': windows['ours'],
                                   **runner.pieces(device_batch, args.steps)},
@@ -407,15 +430,16 @@ def main() -> None:
             print(f'    {name:<18s} {batch_size * args.steps / value:8.1f} img/s')
         if args.profile:
           trace_dir = os.path.join(args.profile, f'{model_name}_{head}_{batch_size}')
+          profile_steps = args.profile_steps or args.steps
           with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            runner.window(lambda: device_batch, args.steps)()
+            runner.window(lambda: device_batch, profile_steps)()
           hlo = runner.step.lower(runner.state, device_batch).compile().as_text()
           with open(os.path.join(trace_dir, 'train_step.hlo'), 'w') as f:
             f.write(hlo)
           print(f'    trace and compiled step written to {trace_dir}\n')
           try:  # the GPU trace's layout is untested here: a surprise must not end the run
-            print(profile_summary.summarize(trace_dir, hlo, args.steps) + '\n')
-          except (ValueError, KeyError, FileNotFoundError) as error:
+            print(profile_summary.summarize(trace_dir, hlo, profile_steps) + '\n')
+          except Exception as error:  # pylint: disable=broad-exception-caught
             print(f'    no summary of the trace ({error!r}); TensorBoard still reads it\n')
           if 'torch' in windows:
             print(torch_profile(windows['torch'], args.device, args.steps) + '\n')

@@ -4,7 +4,7 @@
   python -m sface_jax.plan --config configs/ms1mv2_r50_arcface.py --num-classes 85742 \\
       --devices 8 --batch-per-device 128 --sample-rate 0.1 --json
 
-It builds the real train step (`train.make_setup`, `train.train_step`, the shardings of
+It builds the real train step (`step.make_setup`, `step.train_step`, the shardings of
 `sharding.py`) for `--devices` devices, lowers and compiles it on abstract inputs (nothing is
 allocated; on a CPU the devices are forced host devices), and reads:
 
@@ -96,12 +96,13 @@ def make_plan(config, *, num_classes: int) -> Plan:
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sface_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from sface_jax import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh()
-  setup = train.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
-                           total_steps=10_000, mesh=mesh)
-  abstract_state = jax.eval_shape(functools.partial(train.create_train_state, config.seed, setup))
+  setup = step_lib.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
+                              total_steps=10_000, mesh=mesh)
+  abstract_state = jax.eval_shape(
+      functools.partial(step_lib.create_train_state, config.seed, setup))
   shardings = sharding.tree_shardings(mesh, abstract_state)
   batch_sharding = sharding.batch_sharding(mesh)
   size = config.data.image_size
@@ -112,7 +113,7 @@ def make_plan(config, *, num_classes: int) -> Plan:
   }
   state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                        abstract_state, shardings)
-  step = train.jit_train_step(setup, shardings, mesh)
+  step = step_lib.jit_train_step(setup, shardings, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   seconds = time.perf_counter() - start

@@ -7,6 +7,7 @@ format description, not from our writer), and against files MXNet 1.9.1 itself w
 
 import io
 import os
+import pathlib
 import shutil
 import struct
 
@@ -47,8 +48,8 @@ def test_hand_built_layout_and_split_record(tmp_path):
   whole = b'hello'
   expected = (frame(0, whole) + frame(1, b'') + frame(2, b'wxyz') + frame(3, b'a' + MAGIC + b'bc'))
   rec, idx = write_rec(tmp_path, [whole, payload])
-  assert open(rec, 'rb').read() == expected
-  assert open(idx).read() == f'0\t0\n1\t{len(frame(0, whole))}\n'
+  assert pathlib.Path(rec).read_bytes() == expected
+  assert pathlib.Path(idx).read_text() == f'0\t0\n1\t{len(frame(0, whole))}\n'
   with recordio.IndexedRecordIO(rec) as r:
     assert r.read(0) == whole and r.read(1) == payload
   assert [p for _, p in recordio_writer.iter_records(rec)] == [whole, payload]
@@ -157,9 +158,9 @@ def test_wrong_magic(tmp_path):
   rec, _, _ = small_dataset(tmp_path)
   with recordio.IndexedRecordIO(rec) as r:
     offset = r.offset(4)
-  data = bytearray(open(rec, 'rb').read())
+  data = bytearray(pathlib.Path(rec).read_bytes())
   data[offset] ^= 0xFF
-  open(rec, 'wb').write(bytes(data))
+  pathlib.Path(rec).write_bytes(bytes(data))
   with recordio.InsightFaceRecord(rec) as d:
     with pytest.raises(recordio.RecordIOError,
                        match=rf'train\.rec: record key 4: wrong magic .* byte offset {offset}'):
@@ -180,9 +181,9 @@ def test_truncated_last_record(tmp_path, cut):
   rec, _, _ = small_dataset(tmp_path)
   with recordio.IndexedRecordIO(rec) as r:
     last = int(r.offsets.max())
-  data = open(rec, 'rb').read()
+  data = pathlib.Path(rec).read_bytes()
   size = len(data) - cut if cut < 9 else last + 6  # inside the payload, or the part header
-  open(rec, 'wb').write(data[:size])
+  pathlib.Path(rec).write_bytes(data[:size])
   with pytest.raises(recordio.RecordIOError,
                      match=rf'train\.rec: record key 9 at byte offset {last}: truncated'):
     recordio.InsightFaceRecord(rec)
@@ -192,9 +193,9 @@ def test_truncated_last_record(tmp_path, cut):
 
 def test_idx_offset_past_end_of_file(tmp_path):
   rec, idx, _ = small_dataset(tmp_path)
-  lines = open(idx).read().splitlines()
+  lines = pathlib.Path(idx).read_text().splitlines()
   lines[5] = '5\t999999'
-  open(idx, 'w').write('\n'.join(lines) + '\n')
+  pathlib.Path(idx).write_text('\n'.join(lines) + '\n')
   with pytest.raises(recordio.RecordIOError,
                      match=r'train\.idx: key 5 points at byte offset 999999, past the end of'):
     recordio.InsightFaceRecord(rec)
@@ -202,18 +203,19 @@ def test_idx_offset_past_end_of_file(tmp_path):
 
 def test_idx_malformed_line_and_duplicate_key(tmp_path):
   rec, idx, _ = small_dataset(tmp_path)
-  good = open(idx).read()
-  open(idx, 'w').write(good.replace('3\t', '3 x\t', 1))
+  good = pathlib.Path(idx).read_text()
+  pathlib.Path(idx).write_text(good.replace('3\t', '3 x\t', 1))
   with pytest.raises(recordio.RecordIOError, match=r'train\.idx: line 4 '):
     recordio.IndexedRecordIO(rec)
-  open(idx, 'w').write(good + '2\t0\n')
+  pathlib.Path(idx).write_text(good + '2\t0\n')
   with pytest.raises(recordio.RecordIOError, match=r'train\.idx: key 2 appears more than once'):
     recordio.IndexedRecordIO(rec)
 
 
 def test_idx_pointing_into_a_split_record(tmp_path):
   rec, idx = write_rec(tmp_path, [b'abcd' + MAGIC + b'efgh'])
-  open(idx, 'a').write('1\t12\n')  # the second part of record 0
+  with open(idx, 'a') as f:
+    f.write('1\t12\n')  # the second part of record 0
   with recordio.IndexedRecordIO(rec) as r:
     with pytest.raises(recordio.RecordIOError, match=r'key 1: part flag 3 at byte offset 12'):
       r.read(1)

@@ -93,13 +93,13 @@ def check_heads():
 
 def _tiny_setup(mesh, num_classes, **overrides):
   from configs import base  # pylint: disable=g-import-not-at-top
-  from sface_jax import train  # pylint: disable=g-import-not-at-top
+  from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   config = base.get_config('runlocal')
   config.schedule.name = 'constant'
   for key, value in overrides.items():
     config.update_from_flattened_dict({key: value})
-  return config, train.make_setup(config, num_classes=num_classes, steps_per_epoch=10,
-                                  total_steps=10, mesh=mesh)
+  return config, step_lib.make_setup(config, num_classes=num_classes, steps_per_epoch=10,
+                                     total_steps=10, mesh=mesh)
 
 
 def check_layout():
@@ -107,13 +107,12 @@ def check_layout():
   import functools  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sface_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from sface_jax import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
 
   num_classes = DEVICES * 523
   mesh = sharding.make_mesh()
   config, setup = _tiny_setup(mesh, num_classes, **{'head.sample_rate': 0.1})
-  init = functools.partial(train.create_train_state, config.seed, setup)
+  init = functools.partial(step_lib.create_train_state, config.seed, setup)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init))
   state = jax.jit(init, out_shardings=shardings)()
 
@@ -128,7 +127,7 @@ def check_layout():
                 'features/kernel')}
 
   batch_sharding = sharding.batch_sharding(mesh)
-  step = jax.jit(functools.partial(train.train_step, setup=setup),
+  step = jax.jit(functools.partial(step_lib.train_step, setup=setup),
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   size = config.data.image_size
@@ -313,18 +312,18 @@ def test_partial_fc_sampling_is_static_and_keeps_positives():
 ])
 def test_bad_layouts_fail_naming_the_field(field, value, match):
   from configs import base  # pylint: disable=g-import-not-at-top
-  from sface_jax import train  # pylint: disable=g-import-not-at-top
+  from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   config = base.get_config('runlocal')
   config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=match):
-    train.check_config(config, num_classes=100, num_devices=8)
+    step_lib.check_config(config, num_classes=100, num_devices=8)
 
 
 def test_more_devices_than_classes_fails():
   from configs import base  # pylint: disable=g-import-not-at-top
-  from sface_jax import train  # pylint: disable=g-import-not-at-top
+  from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='fewer than the 8 devices'):
-    train.check_config(base.get_config('runlocal'), num_classes=5, num_devices=8)
+    step_lib.check_config(base.get_config('runlocal'), num_classes=5, num_devices=8)
 
 
 

@@ -151,7 +151,8 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
   """--config.head.name=cosface: the logged first loss is CosFace's, computed here."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sface_jax import checkpoint, sharding, train  # pylint: disable=g-import-not-at-top
+  from sface_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from sface_jax.data import pipeline, tfrecord  # pylint: disable=g-import-not-at-top
 
   result = _run(tmp_path / 'cos', dataset, '--config.num_steps=1',
@@ -163,13 +164,13 @@ def test_config_override_reaches_the_step(dataset, tmp_path):
   expected = {}
   for head in ('cosface', 'arcface'):
     config.head.name = head
-    setup = train.make_setup(config, num_classes=info.num_classes, steps_per_epoch=4,
-                             total_steps=1, mesh=sharding.make_mesh())
-    state = jax.jit(train.create_train_state, static_argnums=(0, 1))(config.seed, setup)
+    setup = step_lib.make_setup(config, num_classes=info.num_classes, steps_per_epoch=4,
+                                total_steps=1, mesh=sharding.make_mesh())
+    state = jax.jit(step_lib.create_train_state, static_argnums=(0, 1))(config.seed, setup)
     batch = next(pipeline.train_dataset(
         info, batch_size=config.batch_size, image_size=config.data.image_size,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer))
-    _, metrics = jax.jit(train.train_step, static_argnames='setup')(
+    _, metrics = jax.jit(step_lib.train_step, static_argnames='setup')(
         state, jax.tree.map(jnp.asarray, batch), setup=setup)
     expected[head] = float(metrics['loss'])
   assert abs(expected['cosface'] - expected['arcface']) > 1e-2

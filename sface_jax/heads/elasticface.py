@@ -32,7 +32,7 @@ Differences from the official code, on purpose or not:
 - The margins never get a gradient (they are random numbers).
 
 Randomness and sharding. The draw uses the step's key (`HeadInputs.rng`, shared by all
-devices and different at every step: `train.train_step` folds the step into the run's key),
+devices and different at every step: `step.train_step` folds the step into the run's key),
 folded with the constant `RNG_STREAM`, and draws B margins for the *global* batch: every
 device gets the same m_i for sample i whatever the device count, and training stays
 deterministic (a restart from a checkpoint redraws the same margins). Partial FC folds the
