@@ -39,7 +39,7 @@ if [[ "${1:-}" == --smoke ]]; then
   python3 -c 'import torch' 2>/dev/null || common+=(--no-torch)
 else
   budget=${BUDGET_SECONDS:-540}
-  common=(--device gpu --dtype bfloat16 --num-classes 85742 --steps 20 --windows 5
+  common=(--device gpu --dtype bfloat16 --num-classes 85742 --steps 10 --windows 5
           --warmup 2 --max-warmup 3 --profile-steps 3)
   rows=('r50 arcface 128' 'r50 arcface 256 profile' 'r50 sface 256' 'r18 arcface 256'
         'mbf arcface 256')

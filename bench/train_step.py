@@ -26,7 +26,9 @@ background load; each window ends when the device is idle (`block_until_ready`,
 `torch.cuda.synchronize`). Reported: the median window, as images/s, and the ratio.
 Threads on the CPU: torch gets `set_num_threads(T)`, T = the CPUs this process may use; XLA
 sizes its pool from the same count. On a GPU the PyTorch side runs as arcface_torch does:
-`torch.autocast(bfloat16)` with the model in `channels_last`; its loss stays float32.
+`torch.autocast(bfloat16)` with the model in `channels_last` and
+`torch.backends.cudnn.benchmark` on; its loss stays float32 (arcface_torch's autocast is
+float16 with a gradient scaler; bfloat16 needs none and matches our side).
 Host memory: both sides share the process's malloc, so `GLIBC_TUNABLES` (which
 `python -m sface_jax.main` sets on CPU runs, sface_jax/cpu_memory.py) applies to both; compare
 a run under glibc's defaults with one under ours,
@@ -224,7 +226,8 @@ def torch_window(model_name: str, head: str, batch, num_classes: int, steps: int
   image_size = batch['image'].shape[1]
   model = torch_reference.build(model_name, image_size=image_size).to(target)
   images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy()).to(target)
-  if device == 'gpu':
+  if device == 'gpu':  # as arcface_torch's train_v2.py runs: cuDNN autotuned, channels last
+    torch.backends.cudnn.benchmark = True
     model = model.to(memory_format=torch.channels_last)
     images = images.contiguous(memory_format=torch.channels_last)
   labels = torch.from_numpy(batch['label'].astype(np.int64)).to(target)

@@ -13,11 +13,16 @@ reach either library: they are oneDNN calls, sface_jax/models/onednn.py.)
 The options are passed per computation (`jax.jit(..., compiler_options=...)`) rather than
 through the XLA_FLAGS environment variable, so that importing sface_jax changes nothing for
 other code in the process, and only when the computation runs on the CPU (other
-platforms' compilers may not know the option).
+platforms' compilers may not know the option), and only where this jaxlib's XLA:CPU knows
+the option (`_cpu_accepts`; it is an experimental one, tested with jaxlib 0.10.2).
 """
 
+import functools
+import warnings
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 # DebugOptions.xla_cpu_experimental_ynn_fusion_type: what XLA:CPU may give to YNNPACK.
@@ -27,9 +32,29 @@ CPU_COMPILER_OPTIONS = {
 }
 
 
+@functools.cache
+def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's XLA:CPU knows `options`. The option is experimental: a jaxlib that
+  renamed or dropped it would fail every compile that passes it ("No such compile option"),
+  so it is tried once on a one-line computation, and a refusal warns and falls back."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+        jax.ShapeDtypeStruct((2,), jnp.float32, sharding=cpu)).compile()
+  except Exception as error:  # pylint: disable=broad-exception-caught  # XLA's error type varies
+    warnings.warn(f'sface_jax.xla_options: jaxlib {jax.__version__} refuses our CPU compiler '
+                  f'options ({error}); compiling with XLA\'s own, whose convolutions are '
+                  'slower (BENCHMARKS.md § Whole training step)')
+    return False
+  return True
+
+
 def compiler_options(platform: str) -> Optional[dict[str, str]]:
-  """The options for a computation on `platform` ('cpu', 'gpu', 'tpu'); None: XLA's own."""
-  return dict(CPU_COMPILER_OPTIONS) if platform == 'cpu' else None
+  """The options for a computation on `platform` ('cpu', 'gpu', 'tpu'); None: XLA's own
+  (other platforms, or a jaxlib whose XLA:CPU does not know ours)."""
+  if platform != 'cpu' or not _cpu_accepts(tuple(sorted(CPU_COMPILER_OPTIONS.items()))):
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
 
 
 def for_mesh(mesh: Mesh) -> Optional[dict[str, str]]:

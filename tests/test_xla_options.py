@@ -48,3 +48,16 @@ def test_compiler_options_only_for_the_cpu():
   assert xla_options.compiler_options('tpu') is None
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
   assert xla_options.for_mesh(mesh) == xla_options.CPU_COMPILER_OPTIONS
+
+
+def test_options_a_jaxlib_refuses_fall_back_to_xlas_own(monkeypatch):
+  """A future jaxlib that drops the experimental option must not break every CPU compile."""
+  monkeypatch.setattr(xla_options, 'CPU_COMPILER_OPTIONS',
+                      {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_BOGUS'})
+  with pytest.warns(UserWarning, match='refuses our CPU compiler options'):
+    assert xla_options.compiler_options('cpu') is None
+  monkeypatch.setattr(xla_options, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+  with pytest.warns(UserWarning, match='No such compile option'):
+    assert xla_options.compiler_options('cpu') is None
+  assert jax.jit(lambda x: 2 * x, compiler_options=xla_options.compiler_options('cpu'))(
+      jnp.ones(2)).tolist() == [2.0, 2.0]
