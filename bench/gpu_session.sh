@@ -19,7 +19,7 @@
 # JAX trace and compiled step, when under 16 MiB; TensorBoard's profile plugin reads it).
 # Exits 1 if any row failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 if [[ "${1:-}" == --fetch-wheels ]]; then
   grep -qxF '/.whl/' .gitignore || { echo '.whl/ is not git-ignored' >&2; exit 2; }
