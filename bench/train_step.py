@@ -444,8 +444,11 @@ def main() -> None:
             print(profile_summary.summarize(trace_dir, hlo, profile_steps) + '\n')
           except Exception as error:  # pylint: disable=broad-exception-caught
             print(f'    no summary of the trace ({error!r}); TensorBoard still reads it\n')
-          if 'torch' in windows:
-            print(torch_profile(windows['torch'], args.device, args.steps) + '\n')
+          if 'torch' in windows:  # on a GPU both profilers use CUPTI: untried in one process
+            try:
+              print(torch_profile(windows['torch'], args.device, args.steps) + '\n')
+            except Exception as error:  # pylint: disable=broad-exception-caught
+              print(f'    no PyTorch profile ({error!r})\n')
         del runner
   print()
   print('\n'.join(rows))
