@@ -346,6 +346,8 @@ def main() -> None:
                       help='steps in the JAX trace (default --steps): a GPU trace of many '
                       'steps runs to tens of MB')
   args = parser.parse_args()
+  if args.profile_steps < 0:
+    parser.error(f'--profile-steps {args.profile_steps}: expected 0 (as --steps) or more')
   if args.device == 'gpu' and not args.no_torch:
     # Before JAX's first device call: JAX takes 75% of the GPU's memory up front by default,
     # which would leave PyTorch's side, in the same process, too little.

@@ -43,7 +43,7 @@ def test_train_step_benchmark_runs(tmp_path):
   assert (tmp_path / 'p' / 'tiny_sface_8' / 'train_step.hlo').is_file()
   convolutions = next(line for line in out.splitlines() if line.startswith('| convolution |'))
   forward, backward = (float(cell) for cell in convolutions.split('|')[2:4])
-  assert forward > 0 and backward > 0, out  # the scopes of step_lib.train_step were found
+  assert forward > 0 and backward > 0, out  # the scopes of sface_jax.step.train_step were found
   if with_torch:  # and PyTorch's step by operator, its convolutions among them
     assert 'PyTorch step: ' in out, out
     convolution_rows = [line for line in out.splitlines() if line.startswith('| aten::')
