@@ -92,6 +92,30 @@ def test_savedmodel_matches_jax_on_faces(shared_data, tiny_workdir, tmp_path, ca
   assert (meta['image_size'], meta['layout'], meta['channels']) == (SIZE, 'NHWC', 'RGB')
 
 
+def test_savedmodel_stablehlo_is_what_the_installed_tensorflow_reads():
+  """jax.export serialises for consumers four weeks older than JAX, TensorFlow lags further
+  (jax 0.12 + TF 2.21 failed here with `vhlo.custom_call_v2`): inside the export's block a
+  shape-polymorphic program, with its shape assertion, deserialises in TF's StableHLO."""
+  pytest.importorskip('tensorflow')
+  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo  # pylint: disable=g-import-not-at-top
+  consumer = export._tensorflow_stablehlo_version()  # pylint: disable=protected-access
+  assert consumer == tf_stablehlo.get_current_version()
+  hlo = _export.hlo
+  week_4 = hlo.StablehloCompatibilityRequirement.WEEK_4
+  (batch,) = jax.export.symbolic_shape('b')
+  with export._stablehlo_readable_by(consumer):  # pylint: disable=protected-access
+    target = _export.hlo.get_version_from_compatibility_requirement(week_4)
+    exported = jax.export.export(jax.jit(lambda x: jnp.tanh(x) @ x.T))(
+        jax.ShapeDtypeStruct((batch, 4), jnp.float32))
+  assert target == hlo.get_smaller_version(
+      hlo.get_version_from_compatibility_requirement(week_4), consumer)
+  assert _export.hlo is hlo  # restored
+  # StableHLO bytecode back from TF's reader (which raises on an operation it does not know)
+  module = tf_stablehlo.deserialize_portable_artifact_str(exported.mlir_module_serialized)
+  assert b'shape_assertion' in module and b'tanh' in module
+
+
 def test_onnx_matches_jax_on_faces(shared_data, tiny_workdir, tmp_path):
   onnxruntime = pytest.importorskip('onnxruntime')
   workdir, model, variables = tiny_workdir

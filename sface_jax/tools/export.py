@@ -25,8 +25,8 @@ give RGB. OpenCV's dnn SFace model takes NCHW *BGR*; for ours build the blob wit
 no mean, scale 1). Every export also records these facts: `assets.extra/sface_export.json`
 in the SavedModel, `metadata_props` in the ONNX file; `load_exported` reads them.
 
-How each format is produced, and why this way (checked with JAX 0.10.2, TF 2.21, onnx 1.23,
-onnxruntime 1.32, OpenCV 5.0):
+How each format is produced, and why this way (checked with JAX 0.10.2, 0.11.2 and 0.12.0.1,
+TF 2.21, onnx 1.23, onnxruntime 1.32, OpenCV 5.0):
 
 - SavedModel: `jax.experimental.jax2tf.convert` with native serialization (the only mode
   JAX still develops; graph mode is deprecated). The SavedModel holds the exact StableHLO
@@ -34,7 +34,9 @@ onnxruntime 1.32, OpenCV 5.0):
   platforms in `--platforms` (default cpu and cuda; lowering for cuda needs no GPU here), with
   the weights as TF variables (`variables/`, not constants in the graph) and a symbolic batch
   dimension. Nothing is re-implemented, so there is nothing to get wrong between the JAX
-  model and the export; TF ≥ 2.15 and TF Serving run it. Its limit: tools that translate TF
+  model and the export. The StableHLO is written for the installed TensorFlow's reader
+  (`_stablehlo_readable_by`), so that TensorFlow and newer ones (TF Serving built from them)
+  run it; an older one may not read it. Its limit: tools that translate TF
   graph ops (tf2onnx, the TFLite converter) cannot read `XlaCallModule`.
 - ONNX: written directly from the Flax parameters with `onnx.helper`, layer by layer
   (Conv, BatchNormalization, PRelu, Add, Flatten, Gemm), because the other routes fail:
@@ -64,6 +66,7 @@ is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -164,6 +167,52 @@ def random_images(image_size: int, count: int = 8, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------- SavedModel
 
 
+def _tensorflow_stablehlo_version() -> str | None:
+  """The newest StableHLO version the installed TensorFlow deserialises, or None where its
+  build does not say (TF ships StableHLO's portable API, `get_current_version`)."""
+  try:
+    from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=g-import-not-at-top
+    return stablehlo.get_current_version()
+  except (ImportError, AttributeError):
+    return None
+
+
+@contextlib.contextmanager
+def _stablehlo_readable_by(consumer_version: str | None):
+  """Within the block, jax.export serialises StableHLO at most at `consumer_version`.
+
+  Why: jax.export writes the StableHLO version four weeks older than JAX's own
+  (`StablehloCompatibilityRequirement.WEEK_4`), and TensorFlow's releases lag further than
+  that: jax 0.12.0.1 writes 1.18.0, where the shape assertion of the symbolic batch becomes
+  `vhlo.custom_call_v2`, which TF 2.21 (StableHLO 1.13.7) refuses to deserialise. StableHLO
+  writes any older version that has the program's operations, so the target becomes
+  min(JAX's, `consumer_version`); an operation the older version lacks fails at
+  serialisation, naming it. jax.export has no public option for the target, so this swaps the
+  StableHLO module `jax._src.export._export` sees (private; where that name is gone, JAX's own
+  target stands and a mismatch shows as TensorFlow's error in the export's check).
+  """
+  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  hlo = getattr(_export, 'hlo', None)
+  if consumer_version is None or not hasattr(hlo, 'get_version_from_compatibility_requirement'):
+    yield
+    return
+
+  class CappedStablehlo:
+    def __getattr__(self, name):
+      return getattr(hlo, name)
+
+    @staticmethod
+    def get_version_from_compatibility_requirement(requirement):
+      return hlo.get_smaller_version(
+          hlo.get_version_from_compatibility_requirement(requirement), consumer_version)
+
+  _export.hlo = CappedStablehlo()
+  try:
+    yield
+  finally:
+    _export.hlo = hlo
+
+
 def write_savedmodel(model, variables, image_size: int, path: str, metadata: dict[str, Any],
                      platforms: Sequence[str] = ('cpu', 'cuda')) -> None:
   """jax2tf (native serialization) of `model.apply(variables, normalize(x), train=False)`."""
@@ -189,7 +238,9 @@ def write_savedmodel(model, variables, image_size: int, path: str, metadata: dic
     return {OUTPUT_NAME: converted(module.weights, images)}
 
   module.serving_default = serving_default
-  with custom_calls.disabled():  # TensorFlow runs the module with its own XLA
+  # TensorFlow runs the module with its own XLA: neither our CPU custom calls nor StableHLO
+  # newer than that XLA reads.
+  with custom_calls.disabled(), _stablehlo_readable_by(_tensorflow_stablehlo_version()):
     tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
   os.makedirs(os.path.join(path, 'assets.extra'), exist_ok=True)
   with open(os.path.join(path, METADATA_FILE), 'w') as f:
