@@ -191,9 +191,14 @@ def _stablehlo_readable_by(consumer_version: str | None):
   StableHLO module `jax._src.export._export` sees (private; where that name is gone, JAX's own
   target stands and a mismatch shows as TensorFlow's error in the export's check).
   """
-  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  try:
+    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    _export = None
   hlo = getattr(_export, 'hlo', None)
-  if consumer_version is None or not hasattr(hlo, 'get_version_from_compatibility_requirement'):
+  if consumer_version is None or not all(
+      hasattr(hlo, name) for name in ('get_version_from_compatibility_requirement',
+                                      'get_smaller_version')):
     yield
     return
 
