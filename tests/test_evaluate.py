@@ -31,6 +31,7 @@ from sface_jax import checkpoint
 from sface_jax import evaluate
 from sface_jax.data import pair_sets
 from sface_jax.evaluation import embedding
+from sface_jax.evaluation import far_resolution
 from sface_jax.evaluation import report
 from sface_jax.evaluation import verification
 
@@ -91,7 +92,9 @@ def _reference(embeddings_a, embeddings_b, issame, num_folds=10):
       vals[target].append(float((accepted & same[test]).sum()) / float(same[test].sum()))
       fars[target].append(float((accepted & ~same[test]).sum()) / float((~same[test]).sum()))
   tar = {t: (np.mean(vals[t]), np.std(vals[t]), np.mean(fars[t])) for t in FARS}
+  training_impostors = min(int((~same[train]).sum()) for train, _ in splits)
   return {'accuracy': np.mean(accuracy), 'accuracy_std': np.std(accuracy),
+          'training_impostors': training_impostors,
           'fold_accuracy': np.array(accuracy), 'best_threshold': np.mean(chosen),
           'fold_threshold': np.array(chosen), 'tpr': np.mean(tprs, 0),
           'fpr': np.mean(fprs, 0), 'tar': tar, 'tied_folds': tied}
@@ -140,6 +143,7 @@ def _check_against_reference(a, b, issame, num_folds=10):
     assert abs(got.tar_at_far[far][0] - mean) <= 1e-6, (far, got.tar_at_far[far], mean)
     assert abs(got.tar_at_far[far][1] - std) <= 1e-6
     assert abs(got.far_at_far[far] - far_measured) <= 1e-6
+  assert got.threshold_impostor_pairs == want['training_impostors']
   return got, want
 
 
@@ -153,6 +157,9 @@ def test_protocol_equals_reference_on_face_like_embeddings(num_pairs, layout, se
   # A meaningful set: far from chance, with a TAR curve that needs the interpolation.
   assert 0.85 < got.accuracy < 1.0
   assert 0.0 < got.tar_at_far[1e-4][0] < got.tar_at_far[1e-3][0] < 1.0
+  # LFW's layout: 3,000 impostor pairs, 2,700 in each set of training folds: FAR = 1e-3 is
+  # 2.7 of them, FAR = 1e-4 not one (the figure above is insightface's, but means nothing).
+  assert got.resolved(1e-3) and not got.resolved(1e-4)
 
 
 def test_protocol_equals_reference_on_random_embeddings_and_ties():
@@ -409,24 +416,62 @@ def test_report_table_json_and_roc_png(tmp_path):
   table = report.format_table(results)
   lines = table.splitlines()
   assert 'TAR@FAR=1e-03' in lines[0] and 'TAR@FAR=1e-04' in lines[0]
-  lfw = results['lfw']
+  lfw, cfp_fp = results['lfw'], results['cfp_fp']
+  # 2,503 pairs in random order: about 1,125 impostor pairs per set of training folds, so
+  # FAR = 1e-3 is resolved and 1e-4 is not; 53 pairs resolve neither.
+  assert 1000 <= lfw.threshold_impostor_pairs < 10_000 and cfp_fp.threshold_impostor_pairs < 1000
   row = lines[2].split()
   assert row[:2] == ['lfw', '2503']
   assert row[2:5] == [f'{100 * lfw.accuracy:.3f}', '±', f'{100 * lfw.accuracy_std:.3f}']
   assert row[5:7] == [f'{lfw.best_threshold:.3f}', '31.250']
-  assert row[7] == f'{100 * lfw.tar_at_far[1e-3][0]:.3f}'
+  assert row[7:] == [f'{100 * lfw.tar_at_far[1e-3][0]:.3f}', '–']
+  assert lines[3].split()[7:] == ['–', '–']
+  assert lines[4].startswith('– = not resolved') and (
+      f'lfw: {lfw.threshold_impostor_pairs:,}, cfp_fp: {cfp_fp.threshold_impostor_pairs}'
+      in lines[4])
 
   paths = report.write_report(results, str(tmp_path), step=1200, source='run')
   with open(paths['json']) as f:
     written = json.load(f)
   assert written['step'] == 1200 and list(written['sets']) == ['lfw', 'cfp_fp']
   saved = written['sets']['cfp_fp']
-  assert saved['accuracy'] == results['cfp_fp'].accuracy
-  assert saved['tar_at_far']['1e-04']['tar'] == results['cfp_fp'].tar_at_far[1e-4][0]
-  assert saved['roc']['fpr'] == results['cfp_fp'].fpr.tolist()
+  assert saved['accuracy'] == cfp_fp.accuracy
+  assert saved['threshold_impostor_pairs'] == cfp_fp.threshold_impostor_pairs
+  # Unresolved: null, flagged, with the FAR actually measured kept.
+  assert saved['tar_at_far']['1e-04'] == {'tar': None, 'tar_std': None, 'resolved': False,
+                                          'far': cfp_fp.far_at_far[1e-4]}
+  assert written['sets']['lfw']['tar_at_far']['1e-03'] == {
+      'tar': lfw.tar_at_far[1e-3][0], 'tar_std': lfw.tar_at_far[1e-3][1], 'resolved': True,
+      'far': lfw.far_at_far[1e-3]}
+  assert saved['roc']['fpr'] == cfp_fp.fpr.tolist()
   with open(paths['roc'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert sorted(os.listdir(tmp_path / 'eval')) == ['roc.png', 'verification.json']
+
+
+def test_far_resolution_rule():
+  """far·N ≥ 1, exactly at the boundary despite 1e-3 · 1000 etc. being computed in floats."""
+  for far in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
+    pairs = round(1 / far)
+    assert far_resolution.resolved(far, pairs) and not far_resolution.resolved(far, pairs - 1)
+  assert not far_resolution.resolved(1e-3, 0)
+
+
+def test_ijb_table_and_json_leave_out_what_the_impostors_cannot_resolve():
+  from sface_jax.evaluation import ijb  # pylint: disable=g-import-not-at-top
+  # 180 impostor pairs (the toy IJB's size): only FAR = 1e-2 and 1e-1 are resolved.
+  tars = {far: 0.5 + i / 100 for i, far in enumerate(ijb.FAR_TARGETS)}
+  result = ijb.IJBResult(target='IJBC', num_faces=40, num_templates=20, num_pairs=200,
+                         num_positive=20, tar_at_far=tars, auc=0.9, xnorm=20.0,
+                         fpr=np.zeros(2), tpr=np.zeros(2), scores=np.zeros(200), settings={})
+  lines = ijb.format_table([result]).splitlines()
+  cells = lines[2].split()[4:-1]
+  assert cells == ['–'] * 4 + [f'{100 * tars[1e-2]:.2f}', f'{100 * tars[1e-1]:.2f}']
+  assert lines[3].startswith('– = not resolved') and 'IJBC: 180' in lines[3]
+  saved = result.to_json()
+  assert saved['impostor_pairs'] == 180
+  assert saved['tar_at_far'] == {'1e-6': None, '1e-5': None, '1e-4': None, '1e-3': None,
+                                 '1e-2': tars[1e-2], '1e-1': tars[1e-1]}
 
 
 def test_command_line(tmp_path, monkeypatch, capsys):

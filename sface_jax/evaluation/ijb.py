@@ -62,6 +62,7 @@ import numpy as np
 
 from sface_jax import files
 from sface_jax.data import ijb as ijb_data
+from sface_jax.evaluation import far_resolution
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PAIR_CHUNK = 1 << 16  # template pairs scored at once: 2 × 65,536 × D float64 gathered
@@ -254,10 +255,21 @@ class IJBResult:
   scores: np.ndarray
   settings: dict[str, Any]
 
+  @property
+  def impostor_pairs(self) -> int:
+    return self.num_pairs - self.num_positive
+
+  def resolved(self, far: float) -> bool:
+    """Whether TAR@FAR=`far` means what it says here (`far_resolution`)."""
+    return far_resolution.resolved(far, self.impostor_pairs)
+
   def to_json(self) -> dict[str, Any]:
+    """A TAR the pairs cannot resolve (FAR·impostor pairs < 1) is written as null."""
     return {'target': self.target, 'faces': self.num_faces, 'templates': self.num_templates,
             'pairs': self.num_pairs, 'positive_pairs': self.num_positive,
-            'tar_at_far': {far_key(far): tar for far, tar in self.tar_at_far.items()},
+            'impostor_pairs': self.impostor_pairs,
+            'tar_at_far': {far_key(far): tar if self.resolved(far) else None
+                           for far, tar in self.tar_at_far.items()},
             'auc': self.auc, 'xnorm': self.xnorm, 'settings': self.settings}
 
 
@@ -302,14 +314,21 @@ def evaluate_ijb(model, variables, ijb_dir: str, target: str, image_size: int, *
 
 
 def format_table(results: Sequence[IJBResult]) -> str:
+  """One line per target; a TAR@FAR its impostor pairs cannot resolve is "–" (footnoted)."""
   columns = [f'TAR@FAR={far_key(far)}' for far in FAR_TARGETS]
   header = (f'{"target":<8}{"faces":>9}{"templates":>11}{"pairs":>11}'
             + ''.join(f'{c:>16}' for c in columns) + f'{"AUC":>9}')
   lines = [header, '-' * len(header)]
+  unresolved = {}
   for r in results:
+    tars, dashed = far_resolution.table_cells(
+        {far: r.tar_at_far[far] for far in FAR_TARGETS}, r.impostor_pairs, decimals=2)
+    if dashed:
+      unresolved[r.target] = r.impostor_pairs
     lines.append(f'{r.target:<8}{r.num_faces:>9}{r.num_templates:>11}{r.num_pairs:>11}'
-                 + ''.join(f'{100 * r.tar_at_far[far]:>16.2f}' for far in FAR_TARGETS)
-                 + f'{100 * r.auc:>9.2f}')
+                 + tars + f'{100 * r.auc:>9.2f}')
+  if unresolved:
+    lines.append(far_resolution.footnote(unresolved))
   return '\n'.join(lines)
 
 

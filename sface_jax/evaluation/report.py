@@ -5,22 +5,33 @@ import os
 from collections.abc import Mapping
 
 from sface_jax import files
+from sface_jax.evaluation import far_resolution
 from sface_jax.evaluation.verification import FAR_TARGETS, VerificationMetrics, far_key
 
 EVAL_SUBDIR = 'eval'
 
 
 def format_table(results: Mapping[str, VerificationMetrics]) -> str:
-  """One line per set: pairs, accuracy ± std (%), best threshold, XNorm, TAR@FAR (%)."""
+  """One line per set: pairs, accuracy ± std (%), best threshold, XNorm, TAR@FAR (%).
+
+  A TAR@FAR the set has too few impostor pairs for is printed as "–", and a last line says
+  why (`far_resolution`).
+  """
   far_columns = [f'TAR@FAR={far_key(far)}' for far in FAR_TARGETS]
   header = (f'{"set":<12}{"pairs":>7}  {"accuracy (%)":<17}{"threshold":>9}{"XNorm":>9}'
             + ''.join(f'{c:>16}' for c in far_columns))
   lines = [header, '-' * len(header)]
+  unresolved = {}
   for name, m in results.items():
     accuracy = f'{100 * m.accuracy:.3f} ± {100 * m.accuracy_std:.3f}'
+    tars, dashed = far_resolution.table_cells(
+        {far: m.tar_at_far[far][0] for far in FAR_TARGETS}, m.threshold_impostor_pairs)
+    if dashed:
+      unresolved[name] = m.threshold_impostor_pairs
     lines.append(f'{name:<12}{m.num_pairs:>7}  {accuracy:<17}{m.best_threshold:>9.3f}'
-                 f'{m.xnorm:>9.3f}'
-                 + ''.join(f'{100 * m.tar_at_far[far][0]:>16.3f}' for far in FAR_TARGETS))
+                 f'{m.xnorm:>9.3f}' + tars)
+  if unresolved:
+    lines.append(far_resolution.footnote(unresolved))
   return '\n'.join(lines)
 
 

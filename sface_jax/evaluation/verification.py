@@ -17,6 +17,10 @@ The numbers are insightface `arcface_torch` `eval/verification.py`'s, on the sam
   0, 0.001, ..., 3.999, and the threshold where it reaches the target by `interp1d(far,
   thresholds, kind='slinear')` (0.0 when the FAR never gets there); TAR and FAR are then
   measured on the test fold. insightface stops there for FAR = 1e-3; we also do 1e-4.
+  A target FAR below 1/(impostor pairs of the training folds) cannot be resolved: the
+  threshold is then read below the first step of the FAR curve, and the TAR is the one with
+  no training impostor accepted. It is computed as insightface computes it, but
+  `resolved(far)` is False, the table prints "–" and the JSON null (`far_resolution`).
 
 `interp1d(kind='slinear')` on a FAR curve with repeated values (it always has some: FAR = 0
 below the smallest impostor distance) raises in SciPy >= 1.9 ("Expect x to not have
@@ -48,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sface_jax.evaluation import far_resolution
+
 # insightface `evaluate()`: thresholds of the ROC and of the accuracy.
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 # insightface `evaluate()` -> `calculate_val()`: the finer grid of the FAR curve.
@@ -69,19 +75,31 @@ class VerificationMetrics:
   fpr: np.ndarray  # (400,)
   fold_accuracy: np.ndarray  # (num_folds,)
   fold_threshold: np.ndarray  # (num_folds,)
+  # Impostor (different-identity) pairs the TAR@FAR thresholds are chosen on: those of the
+  # training folds, the fewest over the folds (all of them with one fold).
+  threshold_impostor_pairs: int
   xnorm: float = math.nan  # mean L2 norm of the raw embeddings (set by the embedding side)
 
+  def resolved(self, far: float) -> bool:
+    """Whether TAR@FAR=`far` means what it says here (`far_resolution`)."""
+    return far_resolution.resolved(far, self.threshold_impostor_pairs)
+
   def to_json(self) -> dict[str, Any]:
-    """Plain JSON types; NaN (no XNorm, or a fold without negative pairs) becomes null."""
+    """Plain JSON types; NaN (no XNorm, or a fold without negative pairs) becomes null, and
+    so does a TAR the set cannot resolve (`resolved`: false beside it)."""
     number = lambda x: None if math.isnan(x) else x
+    def tar_entry(far, mean, std):
+      ok = self.resolved(far)
+      return {'tar': number(mean) if ok else None, 'tar_std': number(std) if ok else None,
+              'far': number(self.far_at_far[far]), 'resolved': ok}
     return {
         'num_pairs': self.num_pairs,
         'accuracy': self.accuracy,
         'accuracy_std': self.accuracy_std,
         'best_threshold': self.best_threshold,
         'xnorm': number(self.xnorm),
-        'tar_at_far': {far_key(far): {'tar': number(mean), 'tar_std': number(std),
-                                       'far': number(self.far_at_far[far])}
+        'threshold_impostor_pairs': self.threshold_impostor_pairs,
+        'tar_at_far': {far_key(far): tar_entry(far, mean, std)
                        for far, (mean, std) in self.tar_at_far.items()},
         'fold_accuracy': self.fold_accuracy.tolist(),
         'fold_threshold': self.fold_threshold.tolist(),
@@ -197,14 +215,17 @@ def verification_metrics(embeddings_a, embeddings_b, issame, num_folds=10,
     raise ValueError(f'issame has shape {same.shape}; expected ({a.shape[0]},), one per pair')
   if not 1 <= num_folds <= a.shape[0]:
     raise ValueError(f'{num_folds} folds need at least as many pairs; got {a.shape[0]}')
+  same = same.astype(bool)
+  folds = fold_ids(a.shape[0], num_folds)
   with jax.enable_x64(True):
     cpu = jax.local_devices(backend='cpu')[0]
-    args = jax.device_put((a, b, same.astype(bool), fold_ids(a.shape[0], num_folds),
-                           ACCURACY_THRESHOLDS, VAL_THRESHOLDS,
+    args = jax.device_put((a, b, same, folds, ACCURACY_THRESHOLDS, VAL_THRESHOLDS,
                            np.asarray(far_targets, np.float64)), cpu)
     out = jax.device_get(_protocol(*args, num_folds=num_folds))
   # The means over folds in NumPy, in insightface's order, so that they agree to the bit.
   fold_threshold = ACCURACY_THRESHOLDS[out['best_index']]
+  impostors = np.bincount(folds[~same], minlength=num_folds)
+  training_impostors = impostors if num_folds == 1 else impostors.sum() - impostors
   return VerificationMetrics(
       num_pairs=int(a.shape[0]),
       accuracy=float(np.mean(out['fold_accuracy'])),
@@ -217,4 +238,5 @@ def verification_metrics(embeddings_a, embeddings_b, issame, num_folds=10,
       tpr=np.mean(out['tpr'], 0),
       fpr=np.mean(out['fpr'], 0),
       fold_accuracy=np.asarray(out['fold_accuracy']),
-      fold_threshold=fold_threshold)
+      fold_threshold=fold_threshold,
+      threshold_impostor_pairs=int(training_impostors.min()))
