@@ -105,7 +105,10 @@ def defaults() -> ml_collections.ConfigDict:
   config.head.arcface = dict(m=0.5, easy_margin=False, insightface_grad=False)
   config.head.cosface = dict(m=0.35)
   config.head.combined = dict(m1=1.0, m2=0.3, m3=0.2)
-  config.head.sphereface = dict(m=4, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0)
+  # official_backward: wy1iu/sphereface's hand-written Caffe gradient instead of the exact
+  # derivative (sface_jax/heads/sphereface.py says how they differ).
+  config.head.sphereface = dict(m=4, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0,
+                                official_backward=False)
   # L-Softmax (Liu et al. 2016): unnormalised W and x, SphereFace's ψ and λ annealing; the
   # official MNIST example's schedule (wy1iu/LargeMargin_Softmax_Loss). No scale, no bias.
   config.head.lsoftmax = dict(m=4, base=1000.0, gamma=2.5e-5, power=35.0, lambda_min=0.0)
@@ -116,7 +119,8 @@ def defaults() -> ml_collections.ConfigDict:
   config.head.magface = dict(l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8, lambda_g=35.0,
                              easy_margin=True)
   # ElasticFace (Boutros et al. 2022): margin ~ N(m, std²) per sample and step; `plus` sorts
-  # the margins by cos θ_y (ElasticFace+; the paper then uses std 0.0175 Arc+, 0.025 Cos+).
+  # the margins by cos θ_y (ElasticFace+; the official config then uses std 0.0175 Arc+,
+  # 0.02 Cos+).
   config.head.elasticface_arc = dict(m=0.5, std=0.05, plus=False)
   config.head.elasticface_cos = dict(m=0.35, std=0.05, plus=False)
   config.head.sface = dict(k=80.0, a=0.8, b=1.23)

@@ -184,6 +184,88 @@ def test_sphereface_lambda_uses_the_pre_incremented_iteration():
 # ---- L-Softmax ------------------------------------------------------------------------------
 
 
+def np_sphereface_official(x, w, labels, lam):
+  """wy1iu/sphereface margin_inner_product_layer.cpp, m = 4 (QUADRUPLE), in float64, with
+  the batch-mean softmax cross-entropy on top: (loss, d/dx, d/dW).
+
+  Forward and Backward_cpu as the layer writes them, element by element: sign_0 = sign(c),
+  sign_3 = sign_0·sign(2c² − 1), sign_4 = 2·sign_0 + sign_3 − 3; target coefficients
+  coeff_w = sign_3(32c³ − 16c), coeff_x = −(sign_3(24c⁴ − 8c² − 1) − sign_4)/‖x‖ rescaled to
+  unit length, plus λ/(1 + λ)·(top_diff·ŵ); weight gradient top_diffᵀ·x. The layer's weights
+  are the normalised ŵ; ours are raw W normalised in the loss, so d/dW is the layer's ŵ
+  gradient through ŵ = W/‖W‖.
+  """
+  w_norm = np.linalg.norm(w, axis=0)
+  w_hat = w / w_norm
+  x_norm = np.linalg.norm(x, axis=1)
+  rows = np.arange(len(labels))
+  top = x @ w_hat
+  c = top[rows, labels] / x_norm
+  sign_0 = np.sign(c)
+  sign_3 = sign_0 * np.sign(2 * c ** 2 - 1)
+  sign_4 = 2 * sign_0 + sign_3 - 3
+  top[rows, labels] = (x_norm * (sign_3 * (8 * c ** 4 - 8 * c ** 2 + 1) + sign_4)
+                       + lam * top[rows, labels]) / (1 + lam)
+  z = top - top.max(axis=1, keepdims=True)
+  probabilities = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+  loss = float(np.mean(-np.log(probabilities[rows, labels])))
+  top_diff = probabilities.copy()
+  top_diff[rows, labels] -= 1.0
+  top_diff /= len(labels)
+  grad_w_hat = x.T @ top_diff
+  grad_x = np.zeros_like(x)
+  for i, y in enumerate(labels):
+    for j in range(w.shape[1]):
+      if j != y:
+        grad_x[i] += top_diff[i, j] / (1 + lam) * w_hat[:, j]
+      else:
+        coeff_w = sign_3[i] * (32 * c[i] ** 3 - 16 * c[i])
+        coeff_x = -(sign_3[i] * (24 * c[i] ** 4 - 8 * c[i] ** 2 - 1) - sign_4[i]) / x_norm[i]
+        length = np.hypot(coeff_w, coeff_x)
+        grad_x[i] += top_diff[i, j] / (1 + lam) * (coeff_w / length * w_hat[:, j]
+                                                   + coeff_x / length * x[i])
+  grad_x += lam / (1 + lam) * top_diff @ w_hat.T
+  grad_w = (grad_w_hat - w_hat * np.sum(w_hat * grad_w_hat, axis=0)) / w_norm
+  return loss, grad_x, grad_w
+
+
+def np_sphereface_loss(x, w, labels, lam):
+  """The formula itself (‖x‖ cos θ_j; target ‖x‖(λc + ψ(c))/(1 + λ)), for the exact gradient."""
+  cos = np_cos(x, w)
+  x_norm = np.linalg.norm(x, axis=1)
+  rows = np.arange(len(labels))
+  logits = x_norm[:, None] * cos
+  c = cos[rows, labels]
+  logits[rows, labels] = x_norm * (lam * c + np_psi(c, 4)) / (1 + lam)
+  return np_ce(logits, labels)
+
+
+@pytest.mark.parametrize('step', [0, 5000])  # λ = 892.86, then its floor 5
+def test_sphereface_official_backward_is_the_caffe_layers(step):
+  x, w = inputs_for(seed=23)
+  lam = np_lambda(step, 1000.0, 0.12, 1.0, 5.0)
+  value, grads, _, metrics = head_value_and_grads(
+      'sphereface', x, w, step=step, **{'sphereface.official_backward': True})
+  assert_close(metrics['lambda'], lam, FORWARD_TOL, 'λ')
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  loss, grad_x, grad_w = np_sphereface_official(x64, w64, LABELS, lam)
+  # The value is the formula's (the exact head's); only the gradient is the layer's.
+  exact_value, exact_grads, _, _ = head_value_and_grads('sphereface', x, w, step=step)
+  assert_close(value, np_sphereface_loss(x64, w64, LABELS, lam), FORWARD_TOL, 'value')
+  assert_close(value, loss, FORWARD_TOL, 'value, Caffe forward')
+  assert value == exact_value
+  assert_close(grads[0], grad_x, GRAD_TOL, 'official d/dx')
+  assert_close(grads[1], grad_w, GRAD_TOL, 'official d/dW')
+  # A real difference from the exact derivative (which test_heads.py checks), far above the
+  # tolerance: the option changes what is trained.
+  exact_x = fd_grad(lambda v: np_sphereface_loss(v, w64, LABELS, lam), x64)
+  exact_w = fd_grad(lambda v: np_sphereface_loss(x64, v, LABELS, lam), w64)
+  assert_close(exact_grads[0], exact_x, GRAD_TOL, 'exact d/dx')
+  assert_close(exact_grads[1], exact_w, GRAD_TOL, 'exact d/dW')
+  for official, exact in ((grad_x, exact_x), (grad_w, exact_w)):
+    assert np.max(np.abs(official - exact)) / np.max(np.abs(exact)) > 5 * GRAD_TOL
+
+
 @pytest.mark.parametrize('step', [0, 5000, 10**6])
 def test_lsoftmax_head_against_reference(step):
   config = head_config('lsoftmax').lsoftmax

@@ -13,11 +13,16 @@ state, returned by the head, never touched by the optimiser.
 
 Running statistics: our choice. mean_B and std_B are over the *global* batch (every device's
 shard: the state is the same on every device and does not depend on the device count), and
-std_B is the population standard deviation (ddof = 0). The official code computes
-`torch.std` (unbiased, ddof = 1) of each GPU's own shard under DDP, so each GPU keeps its
-own statistics; on a shard of one sample that std is NaN, and the NaN then stays in the
-running σ forever. ddof = 0 is defined for any batch, and at the batch sizes people train
-with the two differ by the factor √(B/(B−1)) (1.001 at B = 512).
+std_B is the population standard deviation (ddof = 0). The official code (PyTorch Lightning
+DDP, torch ≤ 1.13) computes them per GPU: each GPU updates μ and σ with the mean and
+`torch.std` (unbiased, ddof = 1) of its own shard (B/n samples) and computes ẑ of its own
+samples from that; DDP's default `broadcast_buffers=True` then replaces every GPU's
+statistics by rank 0's at the start of the next step (torch ≥ 1.10; older torch did not
+re-read reassigned buffers, and every GPU kept its own). So the running statistics follow
+rank 0's shards, each step's ẑ mixes in the GPU's own shard, and on one GPU the two codes
+agree up to ddof. A shard of one sample gives std = NaN, which then stays in σ. ddof = 0 is
+defined for any batch, and at the batch sizes people train with the two differ by the factor
+√(B/(B−1)) (1.001 at B = 512).
 
 Margin. On the target, with g_angle = −m·ẑ and g_add = m·ẑ + m (m = 0.4):
 
@@ -31,10 +36,14 @@ cos(θ + g) is computed as cos θ·cos g − sin θ·sin g with a clamped sin θ
 Clamps (`official_clamp`, default True): as the official head, every cosine (targets and
 non-targets) is first clamped to [−1 + ε, 1 − ε] and θ_y + g_angle to [ε, π − ε], ε = 1e-3,
 each with zero gradient outside the range (torch.clamp's gradient), so that values and
-gradients match theirs; where |cos θ| > 0.999 they differ from the unclamped formula by up to
-~4e-4 in value and ~5e-2 in gradient. With `official_clamp=False` (ours) cosines are clamped
-only to [−1, 1] and θ_y + g_angle to [0, π]: the exact formula, still NaN-free (sin θ from
-`common.sin_from_cos`), with the gradient kept up to cos θ = ±1. We keep the official clamps
+gradients match theirs. They differ from the exact formula where |cos θ| > 0.999 (inside,
+by < 5e-7): a non-target cosine by up to 1e-3, the target term by up to 1.8e-2 (at
+cos θ_y = ±1 with |ẑ| = 1: cos(0.4) against cos(0.4 + acos 0.999); ×s in the logit), and its
+gradient without bound, since the exact d/d cos θ_y = cos g + sin g·cos θ/sin θ grows as
+1/sin θ (at |ẑ| = 1: 28 at 1 − 1e-4, 274 at 1 − 1e-6) where the clamp gives 0
+(`python -m bench.official_conventions`). With `official_clamp=False` (ours) cosines are
+clamped only to [−1, 1] and θ_y + g_angle to [0, π]: the exact formula, still NaN-free (sin θ
+from `common.sin_from_cos`), with the gradient kept up to cos θ = ±1. We keep the official clamps
 as the default because users reproduce published numbers with them.
 """
 

@@ -19,8 +19,9 @@ the assignment the paper describes. The official code writes `margin[idicate_cos
 sorted margins indexed by the argsort of cos θ_y, which hands sample i the margin whose rank
 is the *position of sample i's index in the sort order*, the inverse permutation of the
 paper's rule (the two agree only when that permutation is its own inverse); we implement the
-paper. The paper uses a smaller σ for the + variants (0.0175 for Arc+, 0.025 for Cos+):
-set `std` with `plus`.
+paper. The official config uses a smaller σ for the + variants (fdbtrs/ElasticFace
+config/config.py: std = 0.0175 for ElasticArcFacePlus, 0.02 for ElasticCosFacePlus): set
+`std` with `plus`.
 
 Differences from the official code, on purpose or not:
 - ElasticFace-Arc has no fallback past θ_y + m_i > π, as in the official code (it takes
@@ -35,7 +36,11 @@ Randomness and sharding. The draw uses the step's key (`HeadInputs.rng`, shared 
 devices and different at every step: `step.train_step` folds the step into the run's key),
 folded with the constant `RNG_STREAM`, and draws B margins for the *global* batch: every
 device gets the same m_i for sample i whatever the device count, and training stays
-deterministic (a restart from a checkpoint redraws the same margins). Partial FC folds the
+deterministic (a restart from a checkpoint redraws the same margins). The official code
+differs here: its head is replicated on every GPU (DDP), each GPU draws the margins of its own
+samples (`torch.normal` with that process's generator) and ElasticFace+ sorts them within that
+GPU's shard (128 samples in the official config), so a sample's margin is ranked among the
+shard's B/n samples, not the whole batch's; on one GPU the two are the same rule. Partial FC folds the
 device index into the same key; no device index comes near `RNG_STREAM`, so the two streams
 never coincide. The + variant
 needs every sample's cos θ_y on every device: a `psum` of `take_target`.

@@ -315,16 +315,21 @@ def _elastic_loss(scale, m, std, plus, variant) -> LossFn:
   return loss
 
 
-def _sphereface_loss(m, base, gamma, power, lambda_min) -> LossFn:
+def _sphereface_loss(m, base, gamma, power, lambda_min, official_backward) -> LossFn:
   schedule = dict(base=float(base), gamma=float(gamma), power=float(power),
                   lambda_min=float(lambda_min))
 
   def loss(inputs, state, step):
     cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
     lambda_ = sphereface_lib.sphereface_lambda(step, **schedule)
-    logits, target = sphereface_lib.sphereface_logits_with_target(
-        cos_theta, common.row_norms(inputs.all_embeddings), inputs.block_labels, m=int(m),
-        lambda_=lambda_)
+    if official_backward:
+      logits, target = sphereface_lib.sphereface_logits_official_backward(
+          inputs.all_embeddings, inputs.class_centers, cos_theta, inputs.block_labels,
+          m=int(m), lambda_=lambda_)
+    else:
+      logits, target = sphereface_lib.sphereface_logits_with_target(
+          cos_theta, common.row_norms(inputs.all_embeddings), inputs.block_labels, m=int(m),
+          lambda_=lambda_)
     metrics = _cosine_metrics(inputs, cos_theta)
     metrics['lambda'] = lambda_
     value = softmax_lib.cross_entropy(logits, inputs.block_labels, target_logits=target,
