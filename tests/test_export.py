@@ -3,11 +3,15 @@
 A tiny IResNet with every weight, batch-norm statistic and PReLU slope randomised (so that
 folding the statistics in, the layouts and the FC's flatten order are all exercised) is
 written as a work directory, exported through the command line, reloaded in plain
-TensorFlow / onnxruntime / OpenCV, and compared on ORL faces.
+TensorFlow / onnxruntime / OpenCV (its dnn module and its SFace recognizer), and compared on
+ORL faces.
 """
 
+import contextlib
 import json
 import pathlib
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +59,26 @@ def orl_faces(shared_data: pathlib.Path, count: int = 6) -> tuple[np.ndarray, li
   return export.read_check_images(paths, SIZE), paths
 
 
-@pytest.fixture(scope='module')
-def tiny_workdir(tmp_path_factory):
+def write_workdir(directory: pathlib.Path, size: int):
+  """A randomised tiny backbone trained at `size`, saved as the work directory `tiny_run`."""
   model = models.get_model('tiny', embedding_dim=EMBEDDING_DIM)
-  variables = randomised(model)
-  workdir = tmp_path_factory.mktemp('export') / 'tiny_run'
-  config = import_torch.imported_config('tiny', embedding_dim=EMBEDDING_DIM, image_size=SIZE,
+  variables = randomised(model, size=size)
+  workdir = directory / 'tiny_run'
+  config = import_torch.imported_config('tiny', embedding_dim=EMBEDDING_DIM, image_size=size,
                                         source='test_export')
   checkpoint.save_backbone(str(workdir), config, variables)
   return workdir, model, variables
+
+
+@pytest.fixture(scope='module')
+def tiny_workdir(tmp_path_factory):
+  return write_workdir(tmp_path_factory.mktemp('export'), SIZE)
+
+
+def check_metadata(metadata, workdir):
+  """The run is recorded by name and step, never by a path of this machine."""
+  assert (metadata['run'], metadata['step']) == ('tiny_run', 0)
+  assert str(workdir.parent) not in json.dumps(metadata)
 
 
 def reference(model, variables, pixels):
@@ -90,30 +105,69 @@ def test_savedmodel_matches_jax_on_faces(shared_data, tiny_workdir, tmp_path, ca
   with open(output / export.METADATA_FILE) as f:
     meta = json.load(f)
   assert (meta['image_size'], meta['layout'], meta['channels']) == (SIZE, 'NHWC', 'RGB')
+  check_metadata(meta, workdir)
+  # A free batch size includes 0: jax.export's symbolic batch is ≥ 1, the signature answers.
+  empty = serve(images=tf.zeros((0, SIZE, SIZE, 3)))['embedding']
+  assert empty.shape == (0, EMBEDDING_DIM) and empty.dtype == tf.float32
+  assert export.load_exported(str(output))(faces[:0]).shape == (0, EMBEDDING_DIM)
+
+
+def artifact_version(serialized) -> str:
+  """The StableHLO version a portable artifact was written in (its bytecode header)."""
+  return re.search(rb'StableHLO_v([0-9.]+)', bytes(serialized)).group(1).decode()
+
+
+def polymorphic_export():
+  """A fresh shape-polymorphic jax.export (with the batch's shape assertion)."""
+  (batch,) = jax.export.symbolic_shape('b')
+  return jax.export.export(jax.jit(lambda x: jnp.tanh(x) @ x.T))(
+      jax.ShapeDtypeStruct((batch, 4), jnp.float32))
+
+
+def jax_stablehlo_target() -> str:
+  from jax.extend.mlir.dialects import stablehlo  # pylint: disable=g-import-not-at-top
+  return stablehlo.get_version_from_compatibility_requirement(
+      stablehlo.StablehloCompatibilityRequirement.WEEK_4)
 
 
 def test_savedmodel_stablehlo_is_what_the_installed_tensorflow_reads():
   """jax.export serialises for consumers four weeks older than JAX, TensorFlow lags further
   (jax 0.12 + TF 2.21 failed here with `vhlo.custom_call_v2`): inside the export's block a
-  shape-polymorphic program, with its shape assertion, deserialises in TF's StableHLO."""
+  shape-polymorphic program, with its shape assertion, is written at min(JAX's target,
+  TensorFlow's version) and deserialises in TF's StableHLO; outside it, JAX's target again."""
   pytest.importorskip('tensorflow')
-  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  from jax.extend.mlir.dialects import stablehlo  # pylint: disable=g-import-not-at-top
   from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo  # pylint: disable=g-import-not-at-top
   consumer = export._tensorflow_stablehlo_version()  # pylint: disable=protected-access
   assert consumer == tf_stablehlo.get_current_version()
-  hlo = _export.hlo
-  week_4 = hlo.StablehloCompatibilityRequirement.WEEK_4
-  (batch,) = jax.export.symbolic_shape('b')
+  own = jax_stablehlo_target()
+  assert artifact_version(polymorphic_export().mlir_module_serialized) == own
   with export._stablehlo_readable_by(consumer):  # pylint: disable=protected-access
-    target = _export.hlo.get_version_from_compatibility_requirement(week_4)
-    exported = jax.export.export(jax.jit(lambda x: jnp.tanh(x) @ x.T))(
-        jax.ShapeDtypeStruct((batch, 4), jnp.float32))
-  assert target == hlo.get_smaller_version(
-      hlo.get_version_from_compatibility_requirement(week_4), consumer)
-  assert _export.hlo is hlo  # restored
+    exported = polymorphic_export()
+  assert artifact_version(exported.mlir_module_serialized) == stablehlo.get_smaller_version(
+      own, consumer)
+  assert artifact_version(polymorphic_export().mlir_module_serialized) == own  # restored
   # StableHLO bytecode back from TF's reader (which raises on an operation it does not know)
   module = tf_stablehlo.deserialize_portable_artifact_str(exported.mlir_module_serialized)
   assert b'shape_assertion' in module and b'tanh' in module
+
+
+def test_stablehlo_cap_falls_back_to_jax_target_where_the_private_name_is_gone(monkeypatch):
+  """The cap reaches into a private JAX module (no public option exists): where a JAX lacks
+  it, the export goes on with JAX's own target instead of failing."""
+  with contextlib.ExitStack() as block:
+    with monkeypatch.context() as patch:
+      # `from jax._src.export import _export` raises ImportError while this is None.
+      patch.setitem(sys.modules, 'jax._src.export', None)
+      assert export._jax_exporter() is None  # pylint: disable=protected-access
+      # Capped at StableHLO's oldest version, had the swap happened.
+      block.enter_context(export._stablehlo_readable_by('0.9.0'))  # pylint: disable=protected-access
+    exported = polymorphic_export()
+  assert artifact_version(exported.mlir_module_serialized) == jax_stablehlo_target()
+  # The control: with the module there, the same block does cap.
+  assert export._jax_exporter() is not None  # pylint: disable=protected-access
+  with export._stablehlo_readable_by('1.0.0'):  # pylint: disable=protected-access
+    assert artifact_version(polymorphic_export().mlir_module_serialized) == '1.0.0'
 
 
 def test_onnx_matches_jax_on_faces(shared_data, tiny_workdir, tmp_path):
@@ -131,7 +185,10 @@ def test_onnx_matches_jax_on_faces(shared_data, tiny_workdir, tmp_path):
   want = reference(model, variables, faces)
   assert np.max(export.relative_error(got, want)) < TOLERANCE
   # the same through the loader, which takes NHWC like the SavedModel
-  np.testing.assert_array_equal(export.load_exported(str(output))(faces), got)
+  loaded = export.load_exported(str(output))
+  np.testing.assert_array_equal(loaded(faces), got)
+  assert loaded(faces[:0]).shape == (0, EMBEDDING_DIM)
+  check_metadata(loaded.metadata, workdir)
 
 
 def test_onnx_loads_in_opencv_dnn(shared_data, tiny_workdir, tmp_path):
@@ -149,6 +206,30 @@ def test_onnx_loads_in_opencv_dnn(shared_data, tiny_workdir, tmp_path):
   got = net.forward()
   want = reference(model, variables, faces)
   assert np.max(export.relative_error(got, want)) < TOLERANCE
+
+
+def test_opencv_face_recognizer_sf_takes_the_112_onnx_export(shared_data, tmp_path):
+  """cv2.FaceRecognizerSF, OpenCV's SFace API, runs our 112×112 ONNX export: its `feature`
+  (blobFromImage(bgr, swapRB=true): RGB, as the export takes) gives our embedding of the
+  aligned face, and its `match` the cosine of two of them."""
+  cv2 = pytest.importorskip('cv2')
+  if not hasattr(cv2, 'FaceRecognizerSF'):
+    pytest.skip('this OpenCV has no FaceRecognizerSF (objdetect without dnn)')
+  workdir, model, variables = write_workdir(tmp_path, 112)
+  output = tmp_path / 'tiny112.onnx'
+  assert export.main(['--workdir', str(workdir), '--output', str(output),
+                      '--format', 'onnx']) == 0
+  _, paths = orl_faces(shared_data, count=3)
+  faces = np.round(export.read_check_images(paths, 112)).astype(np.uint8)  # aligned, RGB
+  recognizer = cv2.FaceRecognizerSF.create(str(output), '')
+  got = np.concatenate([recognizer.feature(np.ascontiguousarray(face[..., ::-1]))
+                        for face in faces])  # BGR, as cv2.imread gives
+  want = reference(model, variables, faces.astype(np.float32))
+  assert got.shape == want.shape
+  assert np.max(export.relative_error(got, want)) < TOLERANCE
+  unit = want / np.linalg.norm(want, axis=1, keepdims=True)
+  score = recognizer.match(got[:1], got[1:2], cv2.FaceRecognizerSF_FR_COSINE)
+  assert abs(score - float(unit[0] @ unit[1])) < 1e-5
 
 
 def test_mobilefacenet_onnx_matches_jax(shared_data):

@@ -11,30 +11,40 @@ uses its running statistics, dropout is off), from raw pixels to the raw embeddi
           checkpoint's `config.data.image_size`, 112 for the published recipes)
             SavedModel: NHWC (batch, S, S, 3), signature `serving_default`, input `images`
             ONNX:       NCHW (batch, 3, S, S), input `images`
-          The batch dimension is free in both.
+          The batch dimension is free in both, 0 included (an empty batch gives (0, D)).
   inside  (x − 127.5) / 128 (`sface_jax.data.images.normalize`), then the backbone.
   output  `embedding`: float32 (batch, D), NOT L2-normalised and not flip-summed (add the
           embedding of the horizontally flipped face yourself for insightface's
           evaluation protocol, and L2-normalise before taking cosines).
 
 Why the normalisation is inside: the constants are a known trap (insightface's MXNet
-models use /128, arcface_torch /127.5, OpenCV's SFace a third convention); with them in the
-graph a caller only has to deliver pixels. Why RGB: our pipeline decodes with PIL/TF, which
-give RGB. OpenCV's dnn SFace model takes NCHW *BGR*; for ours build the blob with
-`cv2.dnn.blobFromImage(bgr_face, 1.0, (S, S), swapRB=True)` (NCHW RGB float32 in [0, 255],
-no mean, scale 1). Every export also records these facts: `assets.extra/sface_export.json`
-in the SavedModel, `metadata_props` in the ONNX file; `load_exported` reads them.
+models use /128, arcface_torch /127.5); with them in the graph a caller only has to deliver
+pixels. Why RGB: our pipeline decodes with PIL/TF, which give RGB, and it is also what
+OpenCV's SFace model takes: `cv2.FaceRecognizerSF.feature` builds its blob with
+`blobFromImage(aligned_bgr, 1, Size(112, 112), Scalar(0, 0, 0), swapRB=true)`
+(opencv `modules/objdetect/src/face_recognize.cpp`): NCHW RGB float32 in [0, 255], no mean,
+scale 1, exactly this ONNX export's input. So a 112×112 ONNX export is a drop-in model for
+`cv2.FaceRecognizerSF.create(path, "")` (tested: `feature` gives our embedding, `match` its
+cosine), whose `alignCrop` warps onto insightface's 5-point template as
+`sface_jax.data.align` does; for plain `cv2.dnn` build the same blob with
+`cv2.dnn.blobFromImage(bgr_face, 1.0, (S, S), swapRB=True)`.
+
+Every export records these facts, with the training run's name (its work directory's last
+component, not its path: an export is shipped elsewhere) and step:
+`assets.extra/sface_export.json` in the SavedModel, `metadata_props` in the ONNX file;
+`load_exported` reads them.
 
 How each format is produced, and why this way (checked with JAX 0.10.2, 0.11.2 and 0.12.0.1,
-TF 2.21, onnx 1.23, onnxruntime 1.32, OpenCV 5.0):
+TF 2.21, onnx 1.23, onnxruntime 1.32, OpenCV 5.0 and 5.1):
 
 - SavedModel: `jax.experimental.jax2tf.convert` with native serialization (the only mode
   JAX still develops; graph mode is deprecated). The SavedModel holds the exact StableHLO
   program `model.apply(..., train=False)` lowers to, inside one `XlaCallModule` op, for the
   platforms in `--platforms` (default cpu and cuda; lowering for cuda needs no GPU here), with
   the weights as TF variables (`variables/`, not constants in the graph) and a symbolic batch
-  dimension. Nothing is re-implemented, so there is nothing to get wrong between the JAX
-  model and the export. The StableHLO is written for the installed TensorFlow's reader
+  dimension (jax.export assumes it ≥ 1; the signature answers an empty batch itself).
+  Nothing is re-implemented, so there is nothing to get wrong between the JAX model and the
+  export. The StableHLO is written for the installed TensorFlow's reader
   (`_stablehlo_readable_by`), so that TensorFlow and newer ones (TF Serving built from them)
   run it; an older one may not read it. Its limit: tools that translate TF
   graph ops (tf2onnx, the TFLite converter) cannot read `XlaCallModule`.
@@ -177,6 +187,29 @@ def _tensorflow_stablehlo_version() -> str | None:
     return None
 
 
+def _jax_exporter():
+  """JAX's exporter module, whose `hlo` attribute picks the StableHLO target; None where this
+  JAX has no such module or names (then JAX's own target stands).
+
+  Private (`jax._src`), hence imported here, only when a SavedModel is written, never when
+  this module is imported: jax 0.10.2 to 0.12 have no public way to choose the version
+  `jax.export` serialises at (`jax.export.export` takes only `platforms` and
+  `disabled_checks`; of the config options, `jax_export_calling_convention_version` sets the
+  calling convention and `jax_export_ignore_forward_compatibility` the custom-call check,
+  neither the StableHLO target; `jax2tf.convert` has none either). Replace this with the
+  public option once JAX has one.
+  """
+  try:
+    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  hlo = getattr(_export, 'hlo', None)
+  if not all(hasattr(hlo, name) for name in ('get_version_from_compatibility_requirement',
+                                             'get_smaller_version')):
+    return None
+  return _export
+
+
 @contextlib.contextmanager
 def _stablehlo_readable_by(consumer_version: str | None):
   """Within the block, jax.export serialises StableHLO at most at `consumer_version`.
@@ -184,23 +217,20 @@ def _stablehlo_readable_by(consumer_version: str | None):
   Why: jax.export writes the StableHLO version four weeks older than JAX's own
   (`StablehloCompatibilityRequirement.WEEK_4`), and TensorFlow's releases lag further than
   that: jax 0.12.0.1 writes 1.18.0, where the shape assertion of the symbolic batch becomes
-  `vhlo.custom_call_v2`, which TF 2.21 (StableHLO 1.13.7) refuses to deserialise. StableHLO
-  writes any older version that has the program's operations, so the target becomes
-  min(JAX's, `consumer_version`); an operation the older version lacks fails at
-  serialisation, naming it. jax.export has no public option for the target, so this swaps the
-  StableHLO module `jax._src.export._export` sees (private; where that name is gone, JAX's own
-  target stands and a mismatch shows as TensorFlow's error in the export's check).
+  `vhlo.custom_call_v2`, which TF 2.21 (StableHLO 1.13.7) refuses to deserialise (jax 0.10.2
+  writes 1.15.0, which TF 2.21 happens to read). StableHLO writes any older version that has
+  the program's operations, so the target becomes min(JAX's, `consumer_version`); an
+  operation the older version lacks fails at serialisation, naming it. How: the StableHLO
+  module JAX's exporter reads (`_jax_exporter`, a private name) is swapped for one whose
+  `get_version_from_compatibility_requirement` applies the cap, for the block only. Where
+  that name is gone or `consumer_version` is None, nothing is swapped: JAX's own target
+  stands, and a version TensorFlow cannot read shows as its error in the export's check.
   """
-  try:
-    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _export = None
-  hlo = getattr(_export, 'hlo', None)
-  if consumer_version is None or not all(
-      hasattr(hlo, name) for name in ('get_version_from_compatibility_requirement',
-                                      'get_smaller_version')):
+  exporter = None if consumer_version is None else _jax_exporter()
+  if exporter is None:
     yield
     return
+  hlo = exporter.hlo
 
   class CappedStablehlo:
     def __getattr__(self, name):
@@ -211,17 +241,18 @@ def _stablehlo_readable_by(consumer_version: str | None):
       return hlo.get_smaller_version(
           hlo.get_version_from_compatibility_requirement(requirement), consumer_version)
 
-  _export.hlo = CappedStablehlo()
+  exporter.hlo = CappedStablehlo()
   try:
     yield
   finally:
-    _export.hlo = hlo
+    exporter.hlo = hlo
 
 
 def write_savedmodel(model, variables, image_size: int, path: str, metadata: dict[str, Any],
                      platforms: Sequence[str] = ('cpu', 'cuda')) -> None:
   """jax2tf (native serialization) of `model.apply(variables, normalize(x), train=False)`."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
@@ -237,10 +268,18 @@ def write_savedmodel(model, variables, image_size: int, path: str, metadata: dic
   module.weights = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False),
                                          _numpy_tree(variables))
 
+  # jax.export's symbolic batch is at least 1 (a shape assertion in the program says so):
+  # an empty batch is answered here, without running it.
+  embedding_dim = jax.eval_shape(
+      serve, variables, jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+  ).shape[-1]
+
   @tf.function(autograph=False, input_signature=[
       tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_NAME)])
   def serving_default(images):
-    return {OUTPUT_NAME: converted(module.weights, images)}
+    return {OUTPUT_NAME: tf.cond(tf.shape(images)[0] > 0,
+                                 lambda: converted(module.weights, images),
+                                 lambda: tf.zeros([0, embedding_dim], tf.float32))}
 
   module.serving_default = serving_default
   # TensorFlow runs the module with its own XLA: neither our CPU custom calls nor StableHLO
@@ -532,7 +571,7 @@ def export(source: str, output: str, export_format: str, *, image_size: int | No
       'channels': 'RGB', 'pixel_range': [0, 255],
       'normalisation': '(x - 127.5) / 128, inside the model',
       'output': f'{OUTPUT_NAME}: raw (not L2-normalised, not flip-summed) float32 (batch, D)',
-      'source': workdir, 'step': int(step)}
+      'run': os.path.basename(os.path.normpath(workdir)), 'step': int(step)}
   os.makedirs(os.path.dirname(output), exist_ok=True)
   with files.atomic_path(output) as tmp:
     if export_format == 'savedmodel':
