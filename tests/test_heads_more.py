@@ -8,14 +8,17 @@ reference. Each head runs end to end through `get_head` / `head_inputs` / `Head.
 embeddings and class centres, one device; tests/test_scale_out.py compares 8 devices with one.
 """
 
+import json
 import math
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from references import assert_close, fd_grad, np_ce
+import multi_device
+from references import assert_close, fd_grad, np_ce, rel_error
 from configs import base
 from sface_jax import heads
 from sface_jax.heads import elasticface as elastic_lib
@@ -238,6 +241,35 @@ def np_sphereface_loss(x, w, labels, lam):
   c = cos[rows, labels]
   logits[rows, labels] = x_norm * (lam * c + np_psi(c, 4)) / (1 + lam)
   return np_ce(logits, labels)
+
+
+def test_sphereface_official_backward_on_eight_devices_equals_one():
+  """The custom backward under `shard_map`: classes split over 8 devices (37 padded to 40),
+  and through Partial FC's sampling path, against one device (test_scale_out's harness)."""
+  code = textwrap.dedent("""
+      import json, sys
+      sys.path.insert(0, 'tests')
+      import test_scale_out as scale_out
+      official = {'sphereface.official_backward': True}
+      print(json.dumps({
+          'one': scale_out._head_gradients('sphereface', 1, overrides=official),
+          'many': scale_out._head_gradients('sphereface', 8, overrides=official),
+          'sampled': scale_out._head_gradients('sphereface', 8, sample_rate=0.999,
+                                               overrides=official),
+          'exact': scale_out._head_gradients('sphereface', 1)}))
+      """)
+  out = json.loads(multi_device.run_python('-c', code, devices=8).stdout.splitlines()[-1])
+  one = out['one']
+  for name in ('many', 'sampled'):
+    many = out[name]
+    assert_close(many['loss'], one['loss'], 2e-5, f'{name} loss')
+    assert_close(many['grad_x'], one['grad_x'], 2e-5, f'{name} d/dx')
+    grad_many = np.asarray(many['grad_centers'])
+    assert_close(grad_many[:, :37], one['grad_centers'], 2e-5, f'{name} d/dW')
+    assert np.all(grad_many[:, 37:] == 0), f'{name}: padding centres moved'
+  # and the comparison is not vacuous: the exact gradient is another one
+  assert out['exact']['loss'] == one['loss']
+  assert rel_error(one['grad_x'], out['exact']['grad_x']) > 1e-3
 
 
 @pytest.mark.parametrize('step', [0, 5000])  # λ = 892.86, then its floor 5
