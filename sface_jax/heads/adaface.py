@@ -17,12 +17,12 @@ std_B is the population standard deviation (ddof = 0). The official code (PyTorc
 DDP, torch ≤ 1.13) computes them per GPU: each GPU updates μ and σ with the mean and
 `torch.std` (unbiased, ddof = 1) of its own shard (B/n samples) and computes ẑ of its own
 samples from that; DDP's default `broadcast_buffers=True` then replaces every GPU's
-statistics by rank 0's at the start of the next step (torch ≥ 1.10; older torch did not
-re-read reassigned buffers, and every GPU kept its own). So the running statistics follow
-rank 0's shards, each step's ẑ mixes in the GPU's own shard, and on one GPU the two codes
-agree up to ddof. A shard of one sample gives std = NaN, which then stays in σ. ddof = 0 is
-defined for any batch, and at the batch sizes people train with the two differ by the factor
-√(B/(B−1)) (1.001 at B = 512).
+statistics by rank 0's at the start of the next step (since pytorch/pytorch#63916, torch
+1.10: before it DDP did not re-read buffers a module reassigns, as this head does, and every
+GPU kept its own). So the running statistics follow rank 0's shards, each step's ẑ mixes in
+the GPU's own shard, and on one GPU the two codes agree up to ddof. A shard of one sample
+gives std = NaN, which then stays in σ. ddof = 0 is defined for any batch, and at the batch
+sizes people train with the two differ by the factor √(B/(B−1)) (1.001 at B = 512).
 
 Margin. On the target, with g_angle = −m·ẑ and g_add = m·ẑ + m (m = 0.4):
 
