@@ -1,7 +1,7 @@
-"""Command line: `python -m sface_jax.main --config configs/<recipe>.py --workdir DIR`.
+"""Command line: `python -m sface_jax.main --config <recipe> --workdir DIR`.
 
 Any config field can be overridden: `--config.head.name=cosface --config.batch_size=256`,
-and a recipe's variant is picked after a colon: `--config configs/ms1mv2_r50_arcface.py:runlocal`
+and a recipe's variant is picked after a colon: `--config ms1mv2_r50_arcface:runlocal`
 (the recipe shrunk to a minute on a laptop CPU). On several hosts (a TPU pod slice,
 multi-node GPUs) add `--multihost`: every host runs the same command and
 `jax.distributed.initialize()` finds the others (TPU pods, SLURM, Open MPI); elsewhere name
@@ -18,18 +18,17 @@ if __name__ == '__main__':  # before anything is imported or done twice
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data's C++ start-up chatter
 
 
-def _recipes_importable(argv) -> None:
-  """Recipes import `configs.base`; `configs/` is not installed (it is not library code), so
-  put the folder above the recipe's on the path, wherever the command is run from."""
+def _recipe_paths(argv) -> None:
+  """`--config demo[:variant]` names a packaged recipe: put its file path in `argv`."""
+  from sface_jax import configs  # pylint: disable=g-import-not-at-top
   for i, arg in enumerate(argv):
-    path = arg.split('=', 1)[1] if arg.startswith('--config=') else (
-        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
-    if path:
-      folder = os.path.dirname(os.path.abspath(path.split(':', 1)[0]))
-      sys.path.insert(0, os.path.dirname(folder))
+    if arg.startswith('--config='):
+      argv[i] = '--config=' + configs.resolve(arg.split('=', 1)[1])
+    elif arg == '--config' and i + 1 < len(argv):
+      argv[i + 1] = configs.resolve(argv[i + 1])
 
 
-_recipes_importable(sys.argv)
+_recipe_paths(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -39,8 +38,9 @@ from ml_collections import config_flags
 
 from sface_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training recipe (a configs/*.py).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training recipe: a packaged one (demo, ms1mv2_r50_arcface, ...: '
+    'sface_jax/configs/) or a recipe file; `:variant` optional.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, '
                                'config; an existing one is resumed.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,

@@ -1,7 +1,7 @@
 """The Colab notebooks: committed without outputs, and each runs top to bottom on a CPU.
 
 Each notebook is executed with nbclient in the repository root, in smoke mode
-(`SFACE_JAX_SMOKE=1`: configs/demo.py's 'runlocal' variant, 10 steps) with a temporary workdir
+(`SFACE_JAX_SMOKE=1`: sface_jax/configs/demo.py's 'runlocal' variant, 10 steps) with a temporary workdir
 (`SFACE_JAX_WORKDIR`). Its kernel is this interpreter: a `python3` kernelspec written to a
 temporary JUPYTER_PATH (searched first) with `sys.executable`, so an activated venv is not
 required. (colab/label_noise.ipynb is run by tests/test_label_noise.py.)

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import interpolate
 
 import multi_device
-from configs import base as base_config
+from sface_jax.configs import base as base_config
 from sface_jax import checkpoint
 from sface_jax import evaluate
 from sface_jax.data import pair_sets

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from references import assert_close, fd_grad, np_ce
-from configs import base
+from sface_jax.configs import base
 from sface_jax import heads
 from sface_jax.heads import elasticface as elastic_lib
 
