@@ -29,6 +29,7 @@ import re
 import sys
 import time
 
+from sface_jax import cli
 from sface_jax import configs
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -160,19 +161,25 @@ def format_plan(plan: Plan) -> str:
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m sface_jax.plan', description=(
-      "Per-device memory and per-step communication of a recipe's train step on N devices."))
+  parser = argparse.ArgumentParser(
+      prog='python -m sface_jax.plan', formatter_class=cli.HelpFormatter, description=(
+          "Per-device memory and per-step communication of a recipe's train step on N "
+          'devices.'))
   parser.add_argument('--config', required=True,
                       help='a packaged recipe (demo, ms1mv2_r50_arcface, ...) or a recipe file, '
                            'with an optional :variant')
-  parser.add_argument('--devices', type=int, required=True)
+  parser.add_argument('--devices', type=int, required=True,
+                      help='devices to plan for (forced host devices on a CPU)')
   parser.add_argument('--num-classes', type=int, default=None,
                       help="default: the recipe's config.data.num_classes")
   parser.add_argument('--batch-per-device', type=int, default=None,
                       help="default: the recipe's global batch / devices")
-  parser.add_argument('--sample-rate', type=float, default=None, help='Partial FC r')
-  parser.add_argument('--model', default=None)
-  parser.add_argument('--dtype', default=None, help='float32 | bfloat16')
+  parser.add_argument('--sample-rate', type=float, default=None,
+                      help="Partial FC r; default: the recipe's config.head.sample_rate")
+  parser.add_argument('--model', default=None,
+                      help="backbone (r50, mbf, ...); default: the recipe's config.model.name")
+  parser.add_argument('--dtype', default=None,
+                      help="float32 | bfloat16; default: the recipe's config.model.dtype")
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   return parser.parse_args(argv)
 

@@ -3,7 +3,7 @@
 A recipe is named by the commands (`--config` of `sface_jax.main` and `sface_jax.plan`)
 either as a packaged recipe, `demo` or `ms1mv2_r50_arcface:runlocal`, or as a file of one's
 own, `path/to/recipe.py[:variant]`, which starts from `from sface_jax.configs import base`.
-A path that exists wins over a packaged name.
+A path that exists wins over a packaged name. `validate` checks a config before any work.
 """
 
 import os
@@ -11,7 +11,11 @@ import os
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class RecipeNotFoundError(ValueError):
+class ConfigError(ValueError):
+  """A config value that cannot work (unknown name, impossible setting); names the field."""
+
+
+class RecipeNotFoundError(ConfigError):
   """--config names neither an existing file nor a packaged recipe."""
 
 
@@ -47,3 +51,35 @@ def load(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant or None)
+
+
+def validate(config) -> None:
+  """What can be checked without the data, before any is converted: every name (model, head,
+  optimiser, schedule, centre initialisation) and the settings `step.check_config` checks.
+
+  It builds what the train step will build (model, head, schedule, optimiser), so the
+  checks are the constructors' own. The class count is checked only where the recipe
+  states it (`data.num_classes > 0`); training checks it against the data. Raises
+  ConfigError naming the field.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from sface_jax import heads, models, optim, step
+  if config.model.name not in models.MODELS:
+    raise ConfigError(f'config.model.name={config.model.name!r} is not a model; choose one of '
+                      f'{tuple(models.MODELS)}')
+  try:
+    jnp.dtype(config.model.dtype)
+  except TypeError:
+    raise ConfigError(f'config.model.dtype={config.model.dtype!r} is not a dtype (float32 | '
+                      'bfloat16 | float16)') from None
+  devices = jax.device_count()
+  num_classes = config.data.num_classes if config.data.num_classes > 0 else devices
+  try:
+    heads.get_head(config.head)
+    schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch=1, total_steps=1)
+    optim.make_optimizer(config.optimizer, schedule)
+    step.check_config(config, num_classes=num_classes, num_devices=devices)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from e

@@ -97,6 +97,7 @@ from typing import Any
 
 import numpy as np
 
+from sface_jax import cli
 from sface_jax import files
 from sface_jax import progress
 
@@ -713,7 +714,7 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.experiments.label_noise',
+      prog='python -m sface_jax.experiments.label_noise', formatter_class=cli.HelpFormatter,
       description='Label-noise study of ArcFace, CosFace, SFace and quality-aware SFace on '
                   'the ORL faces (see the module docstring).')
   parser.add_argument('--workdir', required=True, help='where data, runs and outputs go')
@@ -724,13 +725,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--heads', default=','.join(HEADS),
                       help=f'comma-separated, from {",".join(HEADS)}')
   parser.add_argument('--model', default=DEFAULT_MODEL, help='backbone (r18_small, tiny, ...)')
-  parser.add_argument('--image-size', type=int, default=DEFAULT_IMAGE_SIZE)
+  parser.add_argument('--image-size', type=int, default=DEFAULT_IMAGE_SIZE,
+                      help='input side the faces are resized to')
   parser.add_argument('--noise-seed', type=int, default=0, help='seed of the label flipping')
   parser.add_argument('--sface-a', type=float, default=None,
                       help='bypass the a, b rule (give --sface-b too)')
-  parser.add_argument('--sface-b', type=float, default=None)
+  parser.add_argument('--sface-b', type=float, default=None, help='with --sface-a')
   parser.add_argument('--docs', default='', help='also copy the table and plots here')
-  parser.add_argument('--keep-checkpoints', action='store_true')
+  parser.add_argument('--keep-checkpoints', action='store_true',
+                      help="keep each run's checkpoint (deleted once analysed otherwise)")
   return parser.parse_args(argv)
 
 
