@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import base
+from sface_jax.configs import base
 from sface_jax import heads
 from sface_jax import plan
 from sface_jax import sharding

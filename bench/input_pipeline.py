@@ -27,8 +27,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 import tensorflow as tf
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
-from configs import demo  # pylint: disable=wrong-import-position
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's sface_jax
+from sface_jax.configs import demo  # pylint: disable=wrong-import-position
 from sface_jax.data import pipeline
 from sface_jax.data import tfrecord
 

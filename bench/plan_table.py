@@ -4,7 +4,7 @@
   python bench/plan_table.py --devices 8 --datasets ms1mv2
 
 Each cell is one planner run in its own process (the forced device count is fixed when jax
-starts): the real train step of configs/webface42m_r50_pfc.py (IR-50 + CosFace, bf16
+starts): the real train step of sface_jax/configs/webface42m_r50_pfc.py (IR-50 + CosFace, bf16
 backbone, SGD momentum) with the class count, device count and sample rate of the row.
 """
 
@@ -15,14 +15,14 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DATASETS = {  # identities (configs/base.py DATASETS; 29M: insightface's Partial FC test)
+DATASETS = {  # identities (sface_jax/configs/base.py DATASETS; 29M: insightface's Partial FC test)
     'ms1mv2': 85_742, 'glint360k': 360_232, 'webface42m': 2_059_906, '29m': 29_000_000,
 }
 
 
 def plan(num_classes: int, devices: int, sample_rate: float, batch_per_device: int) -> dict:
   command = [sys.executable, '-m', 'sface_jax.plan', '--config',
-             str(REPO / 'configs' / 'webface42m_r50_pfc.py'), '--num-classes', str(num_classes),
+             'webface42m_r50_pfc', '--num-classes', str(num_classes),
              '--devices', str(devices), '--batch-per-device', str(batch_per_device),
              '--sample-rate', str(sample_rate), '--json']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)

@@ -10,7 +10,7 @@
 
 What is timed. Ours: `sface_jax.step.train_step` itself (backbone forward and backward,
 the sharded head on the device mesh, the optax SGD-momentum update with weight decay,
-donated state), built by `step.make_setup` from `configs/base.py` with the model, head,
+donated state), built by `step.make_setup` from `sface_jax/configs/base.py` with the model, head,
 batch and class count of the row. PyTorch: the same architecture
 (tests/torch_reference.py, arcface_torch's definitions), an insightface-style head
 (arcface_torch's ArcFace: the margin applied to the target cosine without gradient;
@@ -80,7 +80,7 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sface_jax.configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax import models, sharding, step as step_lib, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top,wrong-import-position
 

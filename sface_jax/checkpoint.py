@@ -17,6 +17,7 @@ directory too, whose one checkpoint holds only `params/backbone` and `batch_stat
 consumer of trained weights loads them with `load_for_inference`, whatever made them.
 """
 
+import argparse
 import contextlib
 import json
 import logging as python_logging
@@ -147,12 +148,37 @@ def save_backbone(workdir: str, config: ml_collections.ConfigDict, variables: An
       checkpointer.close()
 
 
+def is_step_path(path: str) -> bool:
+  """Is `path` spelled as one checkpoint, `<workdir>/checkpoints/<step>` (by the path alone)?"""
+  path = os.path.normpath(os.path.abspath(path))
+  return (os.path.basename(path).isdigit()
+          and os.path.basename(os.path.dirname(path)) == CHECKPOINT_DIR)
+
+
+def _workdir_argument(path: str) -> str:
+  if is_step_path(path):
+    raise argparse.ArgumentTypeError(f'{path} is one checkpoint: pass it as --checkpoint')
+  return path
+
+
+def _checkpoint_argument(path: str) -> str:
+  if not is_step_path(path):
+    raise argparse.ArgumentTypeError(
+        f'{path} is not one checkpoint (<workdir>/{CHECKPOINT_DIR}/<step>): for a work '
+        'directory or an imported model (its newest checkpoint) use --workdir')
+  return path
+
+
 def add_source_arguments(parser) -> None:
   """Adds the required `--workdir | --checkpoint` pair of an argparse parser: the weights
-  `load_for_inference` reads (`args.workdir or args.checkpoint`)."""
+  `load_for_inference` reads (`args.workdir or args.checkpoint`). Each flag takes only its
+  own kind of path (sface_jax/cli.py), checked by its spelling."""
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--workdir', help='training or imported run directory (its newest step)')
-  source.add_argument('--checkpoint', help='one step: <workdir>/checkpoints/<step>')
+  source.add_argument('--workdir', type=_workdir_argument,
+                      help='a training run or an imported model (python -m '
+                           'sface_jax.tools.import_torch): its newest checkpoint')
+  source.add_argument('--checkpoint', type=_checkpoint_argument,
+                      help=f'one checkpoint of a run: <workdir>/{CHECKPOINT_DIR}/<step>')
 
 
 def load_for_inference(path: str, *, model_name: str | None = None):

@@ -1,6 +1,6 @@
 """Embeddings of aligned face images with a trained backbone: the command after training.
 
-  python -m sface_jax.embed --checkpoint DIR --images FOLDER --output emb.npy [--flip]
+  python -m sface_jax.embed --workdir DIR --images FOLDER --output emb.npy [--flip]
   python -m sface_jax.embed --checkpoint DIR/checkpoints/20000 --images list.txt \
       --output emb.npy
 
@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from sface_jax import checkpoint
+from sface_jax import cli
 from sface_jax import files
 from sface_jax import progress
 from sface_jax import sharding
@@ -218,11 +219,9 @@ def embed_files(model, variables, image_list: ImageList, *, image_size: int, bat
 
 def _parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.embed',
+      prog='python -m sface_jax.embed', formatter_class=cli.HelpFormatter,
       description='Embeddings of aligned face images with a trained backbone.')
-  parser.add_argument('--checkpoint', required=True,
-                      help='a work directory (its newest checkpoint) or one checkpoint, '
-                           '<workdir>/checkpoints/<step>')
+  checkpoint.add_source_arguments(parser)
   parser.add_argument('--images', required=True,
                       help='a folder (searched recursively) or a text file with one image '
                            'path per line (relative to the file)')
@@ -231,9 +230,9 @@ def _parse_args(argv):
   parser.add_argument('--flip', action='store_true',
                       help='embed(x) + embed(flip(x)), the evaluation embedding')
   parser.add_argument('--batch-size', type=int, default=None,
-                      help="default: the run's config.eval.batch_size")
+                      help="images per step; default: the run's config.eval.batch_size")
   parser.add_argument('--model', default=None,
-                      help='architecture to load the weights into (default: the trained one)')
+                      help='architecture to load the weights into; default: the trained one')
   return parser.parse_args(argv)
 
 
@@ -243,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_paths(args.output)
     image_list = list_images(args.images)
     check_exist(image_list)
-    workdir, step = checkpoint.resolve(args.checkpoint)
-    config, model, variables = checkpoint.load_for_inference(args.checkpoint,
+    workdir, step = checkpoint.resolve(args.workdir or args.checkpoint)
+    config, model, variables = checkpoint.load_for_inference(args.workdir or args.checkpoint,
                                                              model_name=args.model)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -1,7 +1,7 @@
 """Memory planner: what one device holds, and what a step sends, before renting the machines.
 
-  python -m sface_jax.plan --config configs/webface42m_r50_pfc.py --devices 64
-  python -m sface_jax.plan --config configs/ms1mv2_r50_arcface.py --num-classes 85742 \\
+  python -m sface_jax.plan --config webface42m_r50_pfc --devices 64
+  python -m sface_jax.plan --config ms1mv2_r50_arcface --num-classes 85742 \\
       --devices 8 --batch-per-device 128 --sample-rate 0.1 --json
 
 It builds the real train step (`step.make_setup`, `step.train_step`, the shardings of
@@ -23,12 +23,14 @@ Options override the recipe (`--num-classes`, `--batch-per-device`, `--sample-ra
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import re
 import sys
 import time
+
+from sface_jax import cli
+from sface_jax import configs
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2,
@@ -158,28 +160,26 @@ def format_plan(plan: Plan) -> str:
   return '\n'.join(lines)
 
 
-def _load_config(spec: str):
-  """`path/to/recipe.py[:variant]` → its get_config(variant), with `configs/` importable."""
-  path, _, variant = spec.partition(':')
-  path = os.path.abspath(path)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
-  module = importlib.import_module(
-      f'{os.path.basename(os.path.dirname(path))}.{os.path.basename(path)[:-3]}')
-  return module.get_config(variant or None)
-
-
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m sface_jax.plan', description=(
-      "Per-device memory and per-step communication of a recipe's train step on N devices."))
-  parser.add_argument('--config', required=True, help='configs/<recipe>.py[:variant]')
-  parser.add_argument('--devices', type=int, required=True)
+  parser = argparse.ArgumentParser(
+      prog='python -m sface_jax.plan', formatter_class=cli.HelpFormatter, description=(
+          "Per-device memory and per-step communication of a recipe's train step on N "
+          'devices.'))
+  parser.add_argument('--config', required=True,
+                      help='a packaged recipe (demo, ms1mv2_r50_arcface, ...) or a recipe file, '
+                           'with an optional :variant')
+  parser.add_argument('--devices', type=int, required=True,
+                      help='devices to plan for (forced host devices on a CPU)')
   parser.add_argument('--num-classes', type=int, default=None,
                       help="default: the recipe's config.data.num_classes")
   parser.add_argument('--batch-per-device', type=int, default=None,
                       help="default: the recipe's global batch / devices")
-  parser.add_argument('--sample-rate', type=float, default=None, help='Partial FC r')
-  parser.add_argument('--model', default=None)
-  parser.add_argument('--dtype', default=None, help='float32 | bfloat16')
+  parser.add_argument('--sample-rate', type=float, default=None,
+                      help="Partial FC r; default: the recipe's config.head.sample_rate")
+  parser.add_argument('--model', default=None,
+                      help="backbone (r50, mbf, ...); default: the recipe's config.model.name")
+  parser.add_argument('--dtype', default=None,
+                      help="float32 | bfloat16; default: the recipe's config.model.dtype")
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   return parser.parse_args(argv)
 
@@ -194,7 +194,11 @@ def main(argv=None) -> int:
   flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', flags)
   os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={args.devices}'
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  config = _load_config(args.config)
+  try:
+    config = configs.load(args.config)
+  except configs.RecipeNotFoundError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   num_classes = args.num_classes or config.data.num_classes
   if num_classes <= 0:
     print(f'error: {args.config} does not name its class count: pass --num-classes',

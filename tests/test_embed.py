@@ -80,7 +80,7 @@ def test_folder_to_array_and_list(tiny_run, tmp_path, capsys):
   paths = _write_images(tmp_path / 'faces')
   output = tmp_path / 'out' / 'emb.npy'
   for flip in (False, True):
-    argv = ['--checkpoint', str(workdir), '--images', str(tmp_path / 'faces'),
+    argv = ['--workdir', str(workdir), '--images', str(tmp_path / 'faces'),
             '--output', str(output)] + (['--flip'] if flip else [])
     assert embed.main(argv) == 0, capsys.readouterr().err
     got = np.load(output)
@@ -103,7 +103,7 @@ def test_list_bad_input_names_the_file_and_line(tiny_run, tmp_path, capsys):
   lines = [os.path.relpath(p, listing.parent) for p in paths[:3]] + ['', str(paths[3])]
   listing.write_text('\n'.join(lines) + '\n')
   output = tmp_path / 'emb.npy'
-  argv = ['--checkpoint', str(workdir), '--images', str(listing), '--output', str(output)]
+  argv = ['--workdir', str(workdir), '--images', str(listing), '--output', str(output)]
   assert embed.main(argv) == 0
   np.testing.assert_allclose(np.load(output), _reference(model, variables, paths[:4], False),
                              rtol=1e-4, atol=1e-5)

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import interpolate
 
 import multi_device
-from configs import base as base_config
+from sface_jax.configs import base as base_config
 from sface_jax import checkpoint
 from sface_jax import evaluate
 from sface_jax.data import pair_sets
@@ -446,7 +446,8 @@ def test_report_table_json_and_roc_png(tmp_path):
   assert saved['roc']['fpr'] == cfp_fp.fpr.tolist()
   with open(paths['roc'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  assert sorted(os.listdir(tmp_path / 'eval')) == ['roc.png', 'verification.json']
+  assert sorted(os.listdir(tmp_path / 'eval')) == [
+      'roc-step1200.png', 'roc.png', 'verification-step1200.json', 'verification.json']
 
 
 def test_far_resolution_rule():
@@ -485,6 +486,7 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     loaded.append((path, model_name))
     return config, model, variables
   monkeypatch.setattr(checkpoint, 'load_for_inference', fake_load)
+  monkeypatch.setattr(checkpoint, 'resolve', lambda path: (path, 7))
   workdir = tmp_path / 'run'
   assert evaluate.main(['--workdir', str(workdir), '--sets', 'lfw', '--batch-size', '8']) == 0
   assert loaded == [(str(workdir), None)]
@@ -496,7 +498,8 @@ def test_command_line(tmp_path, monkeypatch, capsys):
   def wrong_architecture(path, model_name=None):
     raise ValueError(f"{path} holds a 'r50' backbone, which does not fit model {model_name!r}")
   monkeypatch.setattr(checkpoint, 'load_for_inference', wrong_architecture)
-  assert evaluate.main(['--checkpoint', str(tmp_path / 'ckpt'), '--model', 'r100']) == 1
+  assert evaluate.main(['--checkpoint', str(tmp_path / 'checkpoints' / '7'),
+                        '--model', 'r100']) == 1
   assert "'r50' backbone, which does not fit model 'r100'" in capsys.readouterr().err
   monkeypatch.setattr(checkpoint, 'load_for_inference', fake_load)
   assert evaluate.main(['--workdir', str(workdir), '--sets', 'missing']) == 1

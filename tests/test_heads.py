@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from references import assert_close, fd_grad, np_ce, rel_error
-from configs import base
+from sface_jax.configs import base
 from sface_jax import heads
 from sface_jax.heads import adaface as adaface_lib
 

@@ -19,7 +19,7 @@ import pytest
 
 import multi_device
 from references import assert_close, fd_grad, np_ce, rel_error
-from configs import base
+from sface_jax.configs import base
 from sface_jax import heads
 from sface_jax.heads import elasticface as elastic_lib
 

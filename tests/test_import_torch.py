@@ -63,8 +63,8 @@ def test_r18_command_line_import_matches_torch(shared_data, tmp_path):
   checkpoint = tmp_path / 'backbone.pth'
   torch.save(torch_model.state_dict(), checkpoint)
   output = tmp_path / 'r18_flax'
-  import_torch.main(['--checkpoint', str(checkpoint), '--model', 'r18',
-                     '--output', str(output)])
+  assert import_torch.main(['--torch-checkpoint', str(checkpoint), '--model', 'r18',
+                            '--output', str(output)]) == 0
   from sface_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   config, _, variables = checkpoint_lib.load_for_inference(str(output))
   assert config.model.name == 'r18' and config.data.image_size == 112
@@ -121,28 +121,51 @@ def _bad(key, state_dict):
 
 @pytest.mark.parametrize('problem', ['missing', 'extra', 'shape'])
 def test_bad_checkpoint_names_key_and_shapes_and_writes_nothing(tiny_checkpoint, tmp_path,
-                                                                problem):
+                                                                problem, capsys):
   state_dict, fragments = _bad(problem, tiny_checkpoint)
   checkpoint = tmp_path / 'bad.pth'
   torch.save(state_dict, checkpoint)
   output = tmp_path / 'out'
-  with pytest.raises(import_torch.CheckpointError) as raised:
-    import_torch.main(['--checkpoint', str(checkpoint), '--model', 'tiny',
-                       '--output', str(output)])
-  message = str(raised.value)
+  assert import_torch.main(['--torch-checkpoint', str(checkpoint), '--model', 'tiny',
+                            '--output', str(output)]) == 1
+  message = capsys.readouterr().err
+  assert message.startswith('import_torch: error: ') and 'Traceback' not in message
   assert str(checkpoint) in message
   for fragment in fragments:
     assert fragment in message, (fragment, message)
   assert [path.name for path in tmp_path.iterdir()] == ['bad.pth']  # nothing written
 
 
-def test_existing_output_is_not_overwritten(tiny_checkpoint, tmp_path):
+def test_wrong_model_is_a_summary_naming_the_model_that_fits(tmp_path, capsys):
+  """An r18_small checkpoint imported as r18, then with the wrong sizes: counts, the first
+  keys, and the command-line remedy, in a few lines instead of one per key."""
+  torch_model = torch_reference.IResNet(**torch_reference.SMALL_IRESNETS['r18_small'],
+                                        num_features=128, image_size=64)
+  checkpoint = tmp_path / 'small.pth'
+  torch.save(torch_model.state_dict(), checkpoint)
+  assert import_torch.main(['--torch-checkpoint', str(checkpoint), '--model', 'r18',
+                            '--output', str(tmp_path / 'out')]) == 1
+  message = capsys.readouterr().err
+  lines = message.splitlines()
+  assert len(lines) <= 2 + 3 * (import_torch.SHOWN_PER_KIND + 1), message
+  assert 'Traceback' not in message and 'of another shape' in lines[0]
+  assert lines[-1].strip() == ('it fits r18_small (embedding_dim=128, image_size=64): '
+                               '--model r18_small --embedding-dim 128 --image-size 64')
+  assert not (tmp_path / 'out').exists()
+
+  torch.save({'conv1.weight': torch.zeros(8, 3, 3, 3)}, checkpoint)  # fits no model
+  assert import_torch.main(['--torch-checkpoint', str(checkpoint), '--model', 'tiny',
+                            '--output', str(tmp_path / 'out')]) == 1
+  assert 'it fits none of r18, r34, r50' in capsys.readouterr().err
+
+
+def test_existing_output_is_not_overwritten(tiny_checkpoint, tmp_path, capsys):
   checkpoint = tmp_path / 'ok.pth'
   torch.save(tiny_checkpoint, checkpoint)
   (tmp_path / 'out').mkdir()
-  with pytest.raises(FileExistsError, match='out'):
-    import_torch.main(['--checkpoint', str(checkpoint), '--model', 'tiny',
-                       '--output', str(tmp_path / 'out')])
+  assert import_torch.main(['--torch-checkpoint', str(checkpoint), '--model', 'tiny',
+                            '--output', str(tmp_path / 'out')]) == 1
+  assert 'exists' in capsys.readouterr().err
   assert list((tmp_path / 'out').iterdir()) == []
 
 
@@ -157,8 +180,9 @@ def test_imported_weights_evaluate_through_the_cli(shared_data, tmp_path):
   torch_model = torch_reference.randomize_(torch_model, seed=4, image_size=64).eval()
   torch.save(torch_model.state_dict(), tmp_path / 'backbone.pth')
   imported = tmp_path / 'tiny_flax'
-  import_torch.main(['--checkpoint', str(tmp_path / 'backbone.pth'), '--model', 'tiny',
-                     '--embedding-dim', '128', '--image-size', '64', '--output', str(imported)])
+  assert import_torch.main(['--torch-checkpoint', str(tmp_path / 'backbone.pth'), '--model',
+                            'tiny', '--embedding-dim', '128', '--image-size', '64', '--output',
+                            str(imported)]) == 0
   bin_path = shared_data / 'orl' / 'insightface' / 'orl_val.bin'
   assert evaluate.main(['--workdir', str(imported), '--sets', str(bin_path),
                         '--output-dir', str(tmp_path)]) == 0

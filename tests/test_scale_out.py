@@ -30,7 +30,7 @@ def _head_gradients(name, devices, sample_rate=1.0, num_classes=NUM_CLASSES, sca
   `x_scale` multiplies the embeddings, `overrides` are `config.head` fields."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from sface_jax.configs import base  # pylint: disable=g-import-not-at-top
   from sface_jax import heads, sharding  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -92,7 +92,7 @@ def check_heads():
 
 
 def _tiny_setup(mesh, num_classes, **overrides):
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from sface_jax.configs import base  # pylint: disable=g-import-not-at-top
   from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   config = base.get_config('runlocal')
   config.schedule.name = 'constant'
@@ -311,7 +311,7 @@ def test_partial_fc_sampling_is_static_and_keeps_positives():
     ('head.center_init', 'zeros', 'center_init'),
 ])
 def test_bad_layouts_fail_naming_the_field(field, value, match):
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from sface_jax.configs import base  # pylint: disable=g-import-not-at-top
   from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   config = base.get_config('runlocal')
   config.update_from_flattened_dict({field: value})
@@ -320,7 +320,7 @@ def test_bad_layouts_fail_naming_the_field(field, value, match):
 
 
 def test_more_devices_than_classes_fails():
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from sface_jax.configs import base  # pylint: disable=g-import-not-at-top
   from sface_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='fewer than the 8 devices'):
     step_lib.check_config(base.get_config('runlocal'), num_classes=5, num_devices=8)
@@ -334,12 +334,12 @@ def test_planner_reports_the_split_layout():
   (B × D + B values) and the embedding-gradient reduce-scatter (B/8 × D)."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
   result = subprocess.run(
-      [sys.executable, '-m', 'sface_jax.plan', '--config', 'configs/base.py:runlocal',
+      [sys.executable, '-m', 'sface_jax.plan', '--config', 'base:runlocal',
        '--devices', str(DEVICES), '--num-classes', '100000', '--sample-rate', '0.1', '--json'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   plan = json.loads(result.stdout.strip().splitlines()[-1])
-  batch, dim = 16, 32  # configs/base.py runlocal
+  batch, dim = 16, 32  # sface_jax/configs/base.py runlocal
   assert plan['devices'] == DEVICES and plan['classes_per_device'] == 12_500
   assert plan['class_center_bytes'] == dim * 12_500 * 4
   assert plan['optimizer_bytes'] >= plan['class_center_bytes']  # + the backbone's momentum
@@ -352,7 +352,7 @@ def test_planner_reports_the_split_layout():
 def test_planner_rejects_a_layout_that_cannot_work():
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
   result = subprocess.run(
-      [sys.executable, '-m', 'sface_jax.plan', '--config', 'configs/base.py:runlocal',
+      [sys.executable, '-m', 'sface_jax.plan', '--config', 'base:runlocal',
        '--devices', '8', '--num-classes', '5'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 1 and 'fewer than the 8 devices' in result.stderr

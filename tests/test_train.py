@@ -46,7 +46,7 @@ def dataset(tmp_path_factory) -> str:
 
 
 def _command(workdir, data_dir, *overrides):
-  return [sys.executable, '-m', 'sface_jax.main', '--config', 'configs/base.py',
+  return [sys.executable, '-m', 'sface_jax.main', '--config', 'base',
           '--workdir', str(workdir), f'--config.data.dir={data_dir}', *TINY, *overrides]
 
 

@@ -191,7 +191,7 @@ def resolve_input(path: str) -> str:
 def prepare(convert_config, output: str) -> tfrecord.DatasetInfo:
   """The dataset in `output`; converts `convert_config.source` into it first if needed.
 
-  `convert_config` is `config.data.convert` (configs/base.py). A finished conversion is
+  `convert_config` is `config.data.convert` (sface_jax/configs/base.py). A finished conversion is
   reused as it is, an interrupted one is finished, and one made from other options is refused
   (the plan check).
   """

@@ -56,7 +56,8 @@ def _on_mesh(variables: Any, mesh: Mesh) -> Any:
 
 
 def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, images: np.ndarray,
-          *, batch_size: int, mesh: Mesh | None = None, return_norms: bool = False):
+          *, batch_size: int, mesh: Mesh | None = None, return_norms: bool = False,
+          on_batch: Callable[[int], None] | None = None):
   """Flip-summed embeddings of `images`, batched and (with `mesh`) sharded over all devices.
 
   Args:
@@ -70,6 +71,7 @@ def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, ima
     mesh: when given, each batch is split over all its devices (every axis, `data` first; the
       variables are replicated onto it unless they already live there).
     return_norms: also return the raw L2 norms of each image's and its flip's embedding.
+    on_batch: called after each batch with the number of images embedded so far (progress).
 
   Returns:
     float32 (N, D) `embed(x) + embed(flip(x))`, not normalised; with `return_norms`, also
@@ -84,9 +86,14 @@ def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, ima
   if num_images == 0:
     raise ValueError('no images to embed')
   step = _padded_batch_size(min(batch_size, num_images), mesh)
-  outputs = list(_embed_stream(apply_fn_or_model, variables,
-                               (images[start:start + step] for start in range(0, num_images, step)),
-                               batch_size=step, mesh=mesh, flip=True))
+  outputs, done = [], 0
+  for output in _embed_stream(apply_fn_or_model, variables,
+                              (images[start:start + step] for start in range(0, num_images, step)),
+                              batch_size=step, mesh=mesh, flip=True):
+    outputs.append(output)
+    done += output[0].shape[0]
+    if on_batch is not None:
+      on_batch(done)
   summed = np.concatenate([batch_summed for batch_summed, _ in outputs])
   if not return_norms:
     return summed

@@ -397,8 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from sface_jax import files  # pylint: disable=g-import-not-at-top
+  from sface_jax import cli  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.evaluation.identification',
+      prog='python -m sface_jax.evaluation.identification', formatter_class=cli.HelpFormatter,
       description='1:N identification (rank-k, TPIR@FPIR) of `sface_jax.embed` outputs; '
                   'identities are the images\' folders.')
   parser.add_argument('--embeddings', required=True,
@@ -407,8 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='a second emb.npy of probes; without it --embeddings is split: the '
                            'first --gallery-per-identity images of each identity to the '
                            'gallery, --non-mated-identities identities held out')
-  parser.add_argument('--gallery-per-identity', type=int, default=1)
-  parser.add_argument('--non-mated-identities', type=int, default=0)
+  parser.add_argument('--gallery-per-identity', type=int, default=1,
+                      help='without --probes: images of each identity enrolled in the gallery')
+  parser.add_argument('--non-mated-identities', type=int, default=0,
+                      help='without --probes: identities left out of the gallery (their '
+                           'images are non-mated probes)')
   parser.add_argument('--seed', type=int, default=0, help='which identities are held out')
   parser.add_argument('--batch-size', type=int, default=1024, help='probes per search step')
   parser.add_argument('--json', default=None, help='also write the metrics here')

@@ -376,16 +376,18 @@ def write_report(result: IJBResult, directory: str, *, source: str = '') -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from sface_jax import cli  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.evaluation.ijb',
+      prog='python -m sface_jax.evaluation.ijb', formatter_class=cli.HelpFormatter,
       description='IJB-B / IJB-C 1:1 template verification (insightface eval_ijbc.py).')
   from sface_jax import checkpoint  # pylint: disable=g-import-not-at-top
   checkpoint.add_source_arguments(parser)
   parser.add_argument('--ijb-dir', required=True,
                       help='the IJBB or IJBC folder: meta/ and loose_crop/')
-  parser.add_argument('--target', default='IJBC', type=str.upper, choices=ijb_data.TARGETS)
+  parser.add_argument('--target', default='IJBC', type=str.upper, choices=ijb_data.TARGETS,
+                      help='which benchmark the folder holds (its meta/ file prefix)')
   parser.add_argument('--batch-size', type=int, default=None,
-                      help="default: the run's config.eval.batch_size")
+                      help="faces per step; default: the run's config.eval.batch_size")
   parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                       help='threads decoding and aligning faces')
   parser.add_argument('--no-detector-score', action='store_true',
@@ -393,9 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--no-norm-score', action='store_true',
                       help="L2-normalise each face's feature before pooling (N1 off)")
   parser.add_argument('--model', default=None,
-                      help='architecture to load the weights into (default: the trained one)')
+                      help='architecture to load the weights into; default: the trained one')
   parser.add_argument('--output-dir', default=None,
-                      help='where eval/ijb_* go (default: the work directory)')
+                      help='where eval/ijb_* go; default: the work directory')
   args = parser.parse_args(argv)
   from sface_jax import checkpoint  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top

@@ -60,15 +60,42 @@ def plot_roc(results: Mapping[str, VerificationMetrics], path: str, title: str =
 
 def write_report(results: Mapping[str, VerificationMetrics], directory: str, *,
                  step: int | None = None, source: str = '') -> dict[str, str]:
-  """Writes DIR/eval/verification.json and DIR/eval/roc.png; returns their paths."""
+  """Writes the report of one checkpoint; returns {what: path} of the files written.
+
+  With a step: DIR/eval/verification-step<step>.json and roc-step<step>.png, and the same
+  again as DIR/eval/verification.json and roc.png (the latest report) unless those hold a
+  later step; so evaluating step 600 after training evaluated step 800 adds the step-600 files
+  and leaves the step-800 report in place. Without a step (a model of no particular step):
+  verification.json and roc.png only, unless they hold a step's report.
+  """
   out_dir = os.path.join(directory, EVAL_SUBDIR)
   os.makedirs(out_dir, exist_ok=True)
-  paths = {'json': os.path.join(out_dir, 'verification.json'),
-           'roc': os.path.join(out_dir, 'roc.png')}
+  latest = {'json': os.path.join(out_dir, 'verification.json'),
+            'roc': os.path.join(out_dir, 'roc.png')}
+  targets = {}
+  if step is not None:
+    targets['json'] = os.path.join(out_dir, f'verification-step{step}.json')
+    targets['roc'] = os.path.join(out_dir, f'roc-step{step}.png')
+  latest_step = _report_step(latest['json'])
+  if latest_step is None or (step is not None and latest_step <= step):
+    targets.update({f'latest_{key}' if step is not None else key: path
+                    for key, path in latest.items()})
   report = {'step': step, 'source': source, 'far_targets': list(FAR_TARGETS),
             'sets': {name: m.to_json() for name, m in results.items()}}
-  with files.atomic_write(paths['json']) as f:
-    json.dump(report, f, indent=1, allow_nan=False)
-  plot_roc(results, paths['roc'],
-           title='verification ROC' + (f' at step {step}' if step is not None else ''))
-  return paths
+  title = 'verification ROC' + (f' at step {step}' if step is not None else '')
+  for key, path in targets.items():
+    if key.endswith('json'):
+      with files.atomic_write(path) as f:
+        json.dump(report, f, indent=1, allow_nan=False)
+    else:
+      plot_roc(results, path, title=title)
+  return targets
+
+
+def _report_step(path: str) -> int | None:
+  """The step of the report at `path`; None when there is none (or it has no step)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f).get('step')
+  except (OSError, ValueError):
+    return None

@@ -2,7 +2,7 @@
 
   python -m sface_jax.experiments.label_noise --workdir runs/label_noise --docs docs
 
-trains on people s1–s30 of the ORL faces (the demo's data, `configs/demo.py`) with 0 %, 20 %
+trains on people s1–s30 of the ORL faces (the demo's data, `sface_jax/configs/demo.py`) with 0 %, 20 %
 and 40 % of the 300 training labels replaced by a wrong identity, for ArcFace, CosFace, SFace,
 quality-aware SFace, SFace with zhongyy's Xavier centre initialisation and quality-aware SFace
 with warmed-up norm statistics (below), three seeds each (6 heads × 3 noise levels × 3 seeds
@@ -36,7 +36,7 @@ Decisions (nobody to ask; written here):
   dataset read shard by shard in `dataset_info.json` order (`read_records`). The noisy copy
   keeps the shard files and counts, so the input pipeline serves the same images in the same
   order as the clean data; only labels differ.
-* Recipe (the same for every head). `configs/demo.py` (r18_small, embedding 128, scale s = 32
+* Recipe (the same for every head). `sface_jax/configs/demo.py` (r18_small, embedding 128, scale s = 32
   for every head, SGD + cosine schedule with 2 warm-up epochs, batch 32, the demo's
   augmentation) shrunk to 32×32 inputs and 300 steps (32 epochs). Measured on the shared
   2-core machine: the demo's 64×64 × 800 steps takes ~3 min a run (54 runs ≈ 2.7 h); 48×48 ×
@@ -44,7 +44,7 @@ Decisions (nobody to ask; written here):
   load; 32×32 × 300 steps took 72 s including a cold compile (270 img/s, 88.6 %). In the
   study a run takes 30–90 s, so 54 runs fit in about an hour. 32 epochs is also long enough
   for a network to start memorising flipped labels, which is what the study is about. Every
-  head keeps its own defaults from `configs/base.py` (ArcFace m = 0.5, CosFace m = 0.35,
+  head keeps its own defaults from `sface_jax/configs/base.py` (ArcFace m = 0.5, CosFace m = 0.35,
   SFace k = 80, quality-aware SFace shift = 0.1, h = 0.333) except SFace's a, b (next point);
   nothing is tuned on the held-out pairs, and no head gets any other tuning.
 * SFace's a, b (also used by both quality-aware SFace lines and SFace-xavier). The rule, from
@@ -97,6 +97,7 @@ from typing import Any
 
 import numpy as np
 
+from sface_jax import cli
 from sface_jax import files
 from sface_jax import progress
 
@@ -267,11 +268,8 @@ SMOKE = dict(heads=('arcface', 'sface'), noise=(0.4,), seeds=(0,),
 
 
 def _demo_config():
-  """configs/demo.py's get_config (configs/ lives beside the package, not inside it)."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if os.path.isdir(os.path.join(root, 'configs')) and root not in sys.path:
-    sys.path.insert(0, root)
-  from configs import demo  # pylint: disable=g-import-not-at-top
+  """sface_jax/configs/demo.py's get_config."""
+  from sface_jax.configs import demo  # pylint: disable=g-import-not-at-top
   return demo.get_config()
 
 
@@ -716,7 +714,7 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.experiments.label_noise',
+      prog='python -m sface_jax.experiments.label_noise', formatter_class=cli.HelpFormatter,
       description='Label-noise study of ArcFace, CosFace, SFace and quality-aware SFace on '
                   'the ORL faces (see the module docstring).')
   parser.add_argument('--workdir', required=True, help='where data, runs and outputs go')
@@ -727,13 +725,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--heads', default=','.join(HEADS),
                       help=f'comma-separated, from {",".join(HEADS)}')
   parser.add_argument('--model', default=DEFAULT_MODEL, help='backbone (r18_small, tiny, ...)')
-  parser.add_argument('--image-size', type=int, default=DEFAULT_IMAGE_SIZE)
+  parser.add_argument('--image-size', type=int, default=DEFAULT_IMAGE_SIZE,
+                      help='input side the faces are resized to')
   parser.add_argument('--noise-seed', type=int, default=0, help='seed of the label flipping')
   parser.add_argument('--sface-a', type=float, default=None,
                       help='bypass the a, b rule (give --sface-b too)')
-  parser.add_argument('--sface-b', type=float, default=None)
+  parser.add_argument('--sface-b', type=float, default=None, help='with --sface-a')
   parser.add_argument('--docs', default='', help='also copy the table and plots here')
-  parser.add_argument('--keep-checkpoints', action='store_true')
+  parser.add_argument('--keep-checkpoints', action='store_true',
+                      help="keep each run's checkpoint (deleted once analysed otherwise)")
   return parser.parse_args(argv)
 
 

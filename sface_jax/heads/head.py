@@ -403,7 +403,7 @@ def _center_state(padded_classes: int, embedding_dim: int) -> Dict[str, Array]:
 
 
 # name -> (config.head -> Head). Each reads `head.scale` where it has a scale and its own
-# sub-dict `head.<name>` (configs/base.py), by keyword.
+# sub-dict `head.<name>` (sface_jax/configs/base.py), by keyword.
 HEADS: Dict[str, Callable[[Any], Head]] = {
     'softmax': lambda c: Head(_softmax_loss(), uses_bias=True),
     'normface': lambda c: Head(_margin_loss(c.scale)),
@@ -434,7 +434,7 @@ HEAD_NAMES = tuple(HEADS)
 
 
 def get_head(head_config) -> Head:
-  """Builds the head named `head_config.name` from `config.head` (configs/base.py)."""
+  """Builds the head named `head_config.name` from `config.head` (sface_jax/configs/base.py)."""
   name = head_config.name
   if name not in HEADS:
     raise ValueError(f'config.head.name={name!r} is not a head; choose one of {HEAD_NAMES}')

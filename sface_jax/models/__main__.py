@@ -21,6 +21,7 @@ import time
 from typing import Optional, Sequence
 
 import sface_jax.models as models
+from sface_jax import cli
 
 PUBLISHED = {  # name: (parameters, MACs at 112×112)
     'r18': (91.658 * 2**20 / 4, 2.6e9),
@@ -68,11 +69,13 @@ def summary(names: Sequence[str], image_size: int = 112) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(prog='python -m sface_jax.models', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.RawDescriptionHelpFormatter)
   parser.add_argument('--summary', action='store_true', help='print the table')
   parser.add_argument('--models', default=','.join(models.MODELS),
-                      help='comma-separated names (default: all)')
-  parser.add_argument('--image_size', type=int, default=112)
+                      help='comma-separated names')
+  parser.add_argument('--image-size', type=int, default=112, help='input side')
+  parser.add_argument('--image_size', type=int, dest='image_size', default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)  # the spelling it once took
   args = parser.parse_args(argv)
   if not args.summary:
     parser.print_help()

@@ -14,13 +14,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sface_jax import cli
 from sface_jax.data import convert as convert_lib
 from sface_jax.data import writer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.tools.convert',
+      prog='python -m sface_jax.tools.convert', formatter_class=cli.HelpFormatter,
       description='Convert an insightface RecordIO dataset (train.rec/.idx/property/*.bin) or '
       'an image folder (root/<identity>/<image>) into sface_jax TFRecord shards.')
   parser.add_argument('--input', required=True, help='insightface folder (or its .rec), '
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--num-shards', type=int, default=None,
                       help=f'default: one per {writer.DEFAULT_SHARD_BYTES >> 20} MiB of input')
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                      help='processes writing shards (default: the CPU count)')
+                      help='processes writing shards (the CPU count)')
   parser.add_argument('--image-size', type=int, default=None,
                       help='resize images of another size to SxS (re-encoded); default: keep')
   parser.add_argument('--identities', default=None,
@@ -38,13 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--verification-identities', default=None,
                       help='image folders: held-out identities to build a pair set from '
                       '(all same-person pairs and as many different-person pairs)')
-  parser.add_argument('--verification-name', default='val')
+  parser.add_argument('--verification-name', default='val',
+                      help='name of that pair set (evaluate it with --sets <name>)')
   parser.add_argument('--file-pattern', default=None,
                       help="image folders: convert only files matching this glob, e.g. '*.pgm'")
   parser.add_argument('--num-classes', type=int, default=None,
                       help='only when neither property nor record 0 gives it')
   parser.add_argument('--seed', type=int, default=0, help='shard assignment and pair sampling')
-  parser.add_argument('--progress-interval', type=float, default=10.0, help='seconds')
+  parser.add_argument('--progress-interval', type=float, default=10.0,
+                      help='seconds between progress lines')
   args = parser.parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   try:

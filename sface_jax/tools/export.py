@@ -592,18 +592,20 @@ def export(source: str, output: str, export_format: str, *, image_size: int | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from sface_jax import cli  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.tools.export',
+      prog='python -m sface_jax.tools.export', formatter_class=cli.HelpFormatter,
       description='Export a trained backbone (inference mode) as a TensorFlow SavedModel or '
                   'ONNX, checked against the JAX model before it is kept.')
   from sface_jax import checkpoint  # pylint: disable=g-import-not-at-top
   checkpoint.add_source_arguments(parser)
   parser.add_argument('--output', required=True,
                       help='SavedModel directory or .onnx file to create (must not exist)')
-  parser.add_argument('--format', required=True, choices=FORMATS)
+  parser.add_argument('--format', required=True, choices=FORMATS,
+                      help='savedmodel: a TensorFlow SavedModel directory; onnx: one file')
   parser.add_argument('--image-size', type=int, default=None,
-                      help="input side S (default, and the only one that fits: the run's "
-                           'config.data.image_size)')
+                      help="input side S; default, and the only one that fits: the run's "
+                           'config.data.image_size')
   parser.add_argument('--check-images', nargs='+', default=None,
                       help='faces (files or folders) for the parity check; default: 8 random '
                            'images')
@@ -612,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--platforms', default='cpu,cuda',
                       help='SavedModel: platforms to lower for (cpu, cuda, tpu)')
   parser.add_argument('--model', default=None,
-                      help='architecture to load the weights into (default: the trained one)')
+                      help='architecture to load the weights into; default: the trained one')
   args = parser.parse_args(argv)
   try:
     pixels = None

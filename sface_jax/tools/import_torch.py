@@ -1,6 +1,6 @@
 """Convert an insightface `arcface_torch` backbone checkpoint into our Flax variables.
 
-  python -m sface_jax.tools.import_torch --checkpoint backbone.pth --model r50 --output DIR
+  python -m sface_jax.tools.import_torch --torch-checkpoint backbone.pth --model r50 --output DIR
 
 reads a PyTorch `state_dict` (what arcface_torch saves with
 `torch.save(backbone.module.state_dict(), 'model.pt')`; also accepted: its training
@@ -20,9 +20,10 @@ Layout changes (the whole difficulty):
   is 1e-5 on both sides); `num_batches_tracked` is not used and is ignored;
 - PReLU: weight (C,) → alpha (C,).
 
-Bad input: missing, unexpected or wrongly shaped keys raise `CheckpointError` naming
-every such key with the checkpoint's and the model's shapes (in torch layout);
-nothing is written.
+Bad input: missing, unexpected or wrongly shaped keys raise `CheckpointError`: the count
+of each kind, the first few keys with the checkpoint's and the model's shapes (in torch
+layout), and which of our models (with which embedding size and input side) the checkpoint
+fits instead (`guess_model`); nothing is written. The command prints it without a traceback.
 
 torch is needed only to read `.pt` files (`torch.load(..., weights_only=True)`, which
 does not run pickled code); `convert_state_dict` takes any mapping of arrays.
@@ -32,12 +33,14 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
 
 from sface_jax import checkpoint
+from sface_jax import cli
 from sface_jax import models
 from sface_jax.models import iresnet
 from sface_jax.models import mobilefacenet
@@ -156,6 +159,13 @@ def _convert(kind: str, array: np.ndarray, flax_shape: Tuple[int, ...],
   return array.reshape(flax_shape)
 
 
+def _tensors(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """The backbone's tensors by key, unwrapped (`_unwrap`), without BN's unused
+  `num_batches_tracked`."""
+  return {key: value for key, value in _unwrap(state_dict).items()
+          if not key.endswith('.num_batches_tracked')}
+
+
 def _unwrap(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
   if 'state_dict_backbone' in state_dict:  # arcface_torch training checkpoint
     state_dict = state_dict['state_dict_backbone']
@@ -163,6 +173,90 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
   if keys and all(key.startswith('module.') for key in keys):  # saved from DDP wrapper
     return {key[len('module.'):]: value for key, value in state_dict.items()}
   return dict(state_dict)
+
+
+def _flax_shape(expected: Any, entry: _Entry) -> Tuple[int, ...]:
+  node = expected[entry.collection]
+  for name in entry.path:
+    node = node[name]
+  return tuple(node.shape)
+
+
+def _problems(given: Mapping[str, Any], entries: List[_Entry], expected: Any,
+              model_name: str) -> Dict[str, List[str]]:
+  """{'missing' | 'unexpected' | 'shape': one description per key} of a state_dict against
+  the model's conversion table."""
+  problems: Dict[str, List[str]] = {'missing': [], 'unexpected': [], 'shape': []}
+  wanted = {entry.torch_key: entry for entry in entries}
+  for key, entry in wanted.items():
+    shape = _torch_shape(entry.kind, _flax_shape(expected, entry))
+    if key not in given:
+      problems['missing'].append(f'missing key {key!r}: {model_name} expects shape {shape}')
+    elif tuple(given[key].shape) != shape:
+      problems['shape'].append(f'key {key!r} has shape {tuple(given[key].shape)} in the '
+                               f'checkpoint, {model_name} expects {shape}')
+  problems['unexpected'] = [f'unexpected key {key!r} with shape {tuple(given[key].shape)}: '
+                            f'{model_name} has no such weight' for key in given
+                            if key not in wanted]
+  return problems
+
+
+SHOWN_PER_KIND = 3  # keys named per kind of problem; the rest are counted
+
+
+def _summary(problems: Dict[str, List[str]], given: Mapping[str, Any], *, source: str,
+             model_name: str, embedding_dim: int, image_size: int) -> str:
+  """A few lines: the counts, the first keys of each kind, and which model fits instead."""
+  counts = ', '.join(f'{len(problems[kind])} {words}' for kind, words in
+                     (('missing', 'keys missing'), ('unexpected', 'unexpected'),
+                      ('shape', 'of another shape')) if problems[kind])
+  lines = [f'{source} ({len(given)} tensors) does not fit {model_name} (embedding_dim='
+           f'{embedding_dim}, image_size={image_size}): {counts}']
+  for found in problems.values():
+    lines += found[:SHOWN_PER_KIND]
+    if len(found) > SHOWN_PER_KIND:
+      lines.append(f'... and {len(found) - SHOWN_PER_KIND} more like it')
+  lines.append(guess_model(given))
+  return '\n  '.join(lines)
+
+
+def _inferred_sizes(given: Mapping[str, Any]) -> Tuple[int, int]:
+  """(embedding_dim, image_size) an arcface_torch state_dict was made for (512, 112 when its
+  layout is not one we know): the embedding FC's output, and the side of the last feature
+  map × 16."""
+  if 'fc.weight' in given and 'bn2.weight' in given:  # IResNet: fc takes the C×s×s map
+    features, flat = given['fc.weight'].shape
+    side = math.isqrt(flat // given['bn2.weight'].shape[0])
+    return int(features), 16 * side
+  if 'features.layers.2.weight' in given and 'features.layers.0.layers.0.weight' in given:
+    return (int(given['features.layers.2.weight'].shape[0]),  # MobileFaceNet: GDC's k×k
+            16 * int(given['features.layers.0.layers.0.weight'].shape[-1]))
+  return 512, 112
+
+
+def guess_model(state_dict: Mapping[str, Any]) -> str:
+  """One line saying which of our models (and sizes) the state_dict fits, the remedy for a
+  wrong --model, or that it fits none of them and whose key layout comes closest."""
+  given = _tensors(state_dict)
+  embedding_dim, image_size = _inferred_sizes(given)
+  mismatches = {}
+  for name in models.MODELS:
+    model = models.get_model(name, embedding_dim=embedding_dim)
+    try:
+      keys = {entry.torch_key for entry in _entries(model)}
+    except ValueError:  # no torch layout known for this architecture
+      continue
+    mismatches[name] = len(keys ^ set(given))
+  fitting = [name for name, count in mismatches.items() if count == 0]
+  for name in fitting:  # the same keys: the shapes decide (r18 and r18_small differ there)
+    model = models.get_model(name, embedding_dim=embedding_dim)
+    expected = models.abstract_variables(model, image_size)
+    if not any(_problems(given, _entries(model), expected, name).values()):
+      return (f'it fits {name} (embedding_dim={embedding_dim}, image_size={image_size}): '
+              f'--model {name} --embedding-dim {embedding_dim} --image-size {image_size}')
+  closest = min(mismatches, key=mismatches.get)
+  return (f'it fits none of {", ".join(mismatches)}; the closest key layout is {closest!r} '
+          f'({mismatches[closest]} keys differ)')
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str, *,
@@ -179,33 +273,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str, *,
   model = models.get_model(model_name, embedding_dim=embedding_dim, **overrides)
   expected = models.abstract_variables(model, image_size)
   entries = _entries(model)
-  state_dict = _unwrap(state_dict)
-  given = {key: value for key, value in state_dict.items()
-           if not key.endswith('.num_batches_tracked')}
-
-  def flax_shape(entry):
-    node = expected[entry.collection]
-    for name in entry.path:
-      node = node[name]
-    return tuple(node.shape)
-
-  problems = []
-  wanted = {entry.torch_key: entry for entry in entries}
-  for key, entry in wanted.items():
-    shape = _torch_shape(entry.kind, flax_shape(entry))
-    if key not in given:
-      problems.append(f'missing key {key!r}: {model_name} expects shape {shape}')
-    elif tuple(given[key].shape) != shape:
-      problems.append(f'key {key!r} has shape {tuple(given[key].shape)} in the checkpoint, '
-                      f'{model_name} expects {shape}')
-  for key in given:
-    if key not in wanted:
-      problems.append(f'unexpected key {key!r} with shape {tuple(given[key].shape)}: '
-                      f'{model_name} has no such weight')
-  if problems:
-    raise CheckpointError(f'{source} does not fit {model_name} (embedding_dim='
-                          f'{embedding_dim}, image_size={image_size}):\n  '
-                          + '\n  '.join(problems))
+  given = _tensors(state_dict)
+  problems = _problems(given, entries, expected, model_name)
+  if any(problems.values()):
+    raise CheckpointError(_summary(problems, given, source=source, model_name=model_name,
+                                   embedding_dim=embedding_dim, image_size=image_size))
 
   channels = model.stage_widths[-1] if isinstance(model, iresnet.IResNet) else 0
   variables: Dict[str, Any] = {'params': {}, 'batch_stats': {}}
@@ -214,7 +286,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str, *,
     for name in entry.path[:-1]:
       node = node.setdefault(name, {})
     node[entry.path[-1]] = _convert(entry.kind, _to_numpy(given[entry.torch_key]),
-                                    flax_shape(entry), channels)
+                                    _flax_shape(expected, entry), channels)
   covered = sum(1 for _ in _leaves(variables))
   total = sum(1 for _ in _leaves(expected))
   if covered != total:  # a bug in the tables above, not in the checkpoint
@@ -255,26 +327,36 @@ def imported_config(model_name: str, *, embedding_dim: int, image_size: int,
       'eval': {'sets': (), 'batch_size': 256}})
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.tools.import_torch',
+      prog='python -m sface_jax.tools.import_torch', formatter_class=cli.HelpFormatter,
       description='Convert an insightface arcface_torch backbone state_dict to Flax.')
-  parser.add_argument('--checkpoint', required=True, help='torch.save()d state_dict')
-  parser.add_argument('--model', required=True, help='r18 r34 r50 r100 r200 mbf')
-  parser.add_argument('--output', required=True, help='new directory to write')
-  parser.add_argument('--embedding-dim', type=int, default=512)
+  parser.add_argument('--torch-checkpoint', required=True,
+                      help='the torch.save()d state_dict (.pt/.pth) of the backbone')
+  parser.add_argument('--model', required=True, choices=sorted(models.MODELS),
+                      help='the architecture the checkpoint holds')
+  parser.add_argument('--output', required=True,
+                      help='work directory to create (must not exist)')
+  parser.add_argument('--embedding-dim', type=int, default=512,
+                      help="the checkpoint's embedding size (its fc output)")
   parser.add_argument('--image-size', type=int, default=112,
                       help='input side the checkpoint was trained at (fixes the fc size)')
   args = parser.parse_args(argv)
-  state_dict = load_torch_checkpoint(args.checkpoint)
-  variables = convert_state_dict(state_dict, args.model, embedding_dim=args.embedding_dim,
-                                 image_size=args.image_size, source=args.checkpoint)
-  config = imported_config(args.model, embedding_dim=args.embedding_dim,
-                           image_size=args.image_size, source=os.path.abspath(args.checkpoint))
-  checkpoint.save_backbone(args.output, config, variables)
+  try:
+    state_dict = load_torch_checkpoint(args.torch_checkpoint)
+    variables = convert_state_dict(state_dict, args.model, embedding_dim=args.embedding_dim,
+                                   image_size=args.image_size, source=args.torch_checkpoint)
+    config = imported_config(args.model, embedding_dim=args.embedding_dim,
+                             image_size=args.image_size,
+                             source=os.path.abspath(args.torch_checkpoint))
+    checkpoint.save_backbone(args.output, config, variables)
+  except (ImportError, OSError, ValueError) as e:  # CheckpointError is a ValueError
+    print(f'import_torch: error: {e}', file=sys.stderr, flush=True)
+    return 1
   print(f'wrote {args.output} ({args.model}, {len(state_dict)} tensors): use it as a '
         'work directory, e.g. python -m sface_jax.evaluate --workdir ' + args.output)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

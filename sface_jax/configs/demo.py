@@ -7,13 +7,13 @@ different-person pairs), under `<workdir>/data`; later runs reuse it. Then it tr
 progress, and ends with the verification table and a ROC plot for the held-out people.
 
   pip install -r requirements.txt
-  python -m sface_jax.main --config configs/demo.py --workdir runs/demo
+  python -m sface_jax.main --config demo --workdir runs/demo
 
 The same config runs unchanged on a GPU or TPU (set --config.model.dtype=bfloat16 there if
-you like). `configs/demo.py:runlocal` is the 10-step version the test-suite runs.
+you like). `--config demo:runlocal` is the 10-step version the test-suite runs.
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):

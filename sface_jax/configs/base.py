@@ -6,7 +6,7 @@ field or a default (no `config.get(key, default)`), so a typo in an override
 (`--config.head.nmae=...`) is an error, not a silent new key.
 
 Variants are chosen after a colon on the command line, as in big_vision:
-`--config configs/ms1mv2_r50_arcface.py:runlocal` is the recipe shrunk to run in a minute on
+`--config ms1mv2_r50_arcface:runlocal` is the recipe shrunk to run in a minute on
 a laptop CPU (`runlocal` below): the recipe's own head, optimiser and schedule on the ORL
 faces the demo uses, with the tiny test backbone.
 
@@ -14,9 +14,9 @@ Units: the schedule is written in epochs (what papers and insightface report) an
 into steps from the dataset's `num_examples` and `batch_size`; `num_steps > 0` overrides
 `num_epochs` (tests, the demo).
 
-Recipes are loaded by file path (ml_collections `config_flags`) and import this file as
-`configs.base`: run commands from the repository root (the package does not install a
-top-level `configs` module; `sface_jax.main` adds the recipe's parent folder to the path).
+Recipes ship inside the package (`sface_jax.configs`, so an installed wheel has them too) and
+are named on the command line without a path (`--config demo`); a recipe of your own is a
+file anywhere that does `from sface_jax.configs import base` (`--config path/to/mine.py`).
 """
 
 import ml_collections
@@ -41,7 +41,7 @@ ORL_IMAGES = 300
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  """The defaults (with `variant`s applied: `configs/base.py:runlocal`)."""
+  """The defaults (with `variant`s applied: `--config base:runlocal`)."""
   return finish(defaults(), variant)
 
 

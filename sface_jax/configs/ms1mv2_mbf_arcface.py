@@ -3,10 +3,10 @@
 Global batch 1024, SGD lr 0.1, weight decay 1e-4 on every parameter, polynomial decay, 40
 epochs (the small model wants more than IR-50's 20), bf16 backbone.
 
-  python -m sface_jax.main --config configs/ms1mv2_mbf_arcface.py --workdir runs/mbf_arcface
+  python -m sface_jax.main --config ms1mv2_mbf_arcface --workdir runs/mbf_arcface
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):

@@ -7,10 +7,10 @@ each, with its momentum 184 MB). insightface's recipe keeps every class every st
 (sample_rate 1.0); Partial FC's --config.head.sample_rate=0.1 cuts the head's compute and
 memory tenfold (README § Large classifiers: how to pick it).
 
-  python -m sface_jax.main --config configs/glint360k_r100_pfc.py --workdir runs/glint_r100
+  python -m sface_jax.main --config glint360k_r100_pfc --workdir runs/glint_r100
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):

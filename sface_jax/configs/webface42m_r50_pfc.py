@@ -8,10 +8,10 @@ each of 8 holds 257,489 class centres (527 MB, 1.05 GB with momentum) and sample
 them per step; on 64 devices, 32,187 each (README § Large classifiers;
 `python -m sface_jax.plan` prints the memory for your device count before you rent them).
 
-  python -m sface_jax.main --config configs/webface42m_r50_pfc.py --workdir runs/wf42m_r50
+  python -m sface_jax.main --config webface42m_r50_pfc --workdir runs/wf42m_r50
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):

@@ -5,10 +5,10 @@ train.sh: batch 256, lr 0.1 ÷10 at epochs 50, 70 and 80; the script's default 1
 except on batch-norm parameters). The seed reproduction (seed 000) ran the same command with
 b = 1.22.
 
-  python -m sface_jax.main --config configs/casia_r50_sface.py --workdir runs/casia_sface
+  python -m sface_jax.main --config casia_r50_sface --workdir runs/casia_sface
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):

@@ -5,10 +5,10 @@ one: SGD lr 0.1, momentum 0.9, weight decay 5e-4 except on batch-norm parameters
 the ArcFace paper's MS1MV2 schedule (Deng et al. 2019, §3.1): batch 512, lr ÷10 at 100 k and
 160 k iterations, stop at 180 k. bf16 backbone.
 
-  python -m sface_jax.main --config configs/ms1mv2_r50_sface.py --workdir runs/r50_sface
+  python -m sface_jax.main --config ms1mv2_r50_sface --workdir runs/r50_sface
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):

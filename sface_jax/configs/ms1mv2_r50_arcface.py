@@ -5,11 +5,11 @@ parameter, 20 epochs, polynomial decay (power 2) with no warm-up, margins (1, 0.
 s = 64, bf16 backbone with a float32 head (insightface: fp16 = True). Any number of devices:
 the batch and the 85,742 class centres are split over all of them.
 
-  python -m sface_jax.main --config configs/ms1mv2_r50_arcface.py --workdir runs/r50_arcface
-  python -m sface_jax.main --config configs/ms1mv2_r50_arcface.py:runlocal --workdir /tmp/r
+  python -m sface_jax.main --config ms1mv2_r50_arcface --workdir runs/r50_arcface
+  python -m sface_jax.main --config ms1mv2_r50_arcface:runlocal --workdir /tmp/r
 """
 
-from configs import base
+from sface_jax.configs import base
 
 
 def get_config(variant: str | None = None):
