@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import base
+from sface_jax.configs import base
 from sface_jax import heads
 from sface_jax.heads import adaface
 
