@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sface_jax import arguments
 from sface_jax import checkpoint
 from sface_jax import sharding
 from sface_jax.data import pair_sets
@@ -75,7 +76,7 @@ def _parse_args(argv):
                       help='set names in the data dir (lfw cfp_fp ...) or .bin/.npz paths; '
                            "default: the run's config.eval.sets")
   parser.add_argument('--data-dir', default=None, help="default: the run's config.data.dir")
-  parser.add_argument('--batch-size', type=int, default=None,
+  parser.add_argument('--batch-size', type=arguments.positive_int, default=None,
                       help="default: the run's config.eval.batch_size")
   parser.add_argument('--model', default=None,
                       help='architecture to load the weights into (default: the trained one)')
