@@ -17,8 +17,9 @@ Decisions, each for a reason:
   lines skipped, no comment syntax: '#' is a legal first character of a file name); relative
   paths are taken relative to the list's own folder, so a list travels with its images, and
   are recorded as written.
-* Pixels: decoded exactly as evaluation decodes them (`data.images.decode`: RGB, bilinear
-  resize to the model's input size when the size differs); formats other than JPEG/PNG (PGM,
+* Pixels: decoded exactly as evaluation and training decode them (`data.images.decode`,
+  the one decoder: RGB, 16-bit PNGs to their high byte; bilinear resize to the model's input
+  size when the size differs); formats other than JPEG/PNG (PGM,
   BMP, ...) first become PNG as the dataset converter stores them (`encode_for_storage`), so
   an image embeds the same whether it came through a converted dataset or this command.
 * Faces must already be aligned (`data.align` makes 112 × 112 ArcFace crops from 5
@@ -28,8 +29,10 @@ Decisions, each for a reason:
 * Bad input: every path is checked before the model loads (a missing file is an error naming
   it, and its line in a LIST); an unreadable image stops the run with its path and line.
   Outputs are written under temporary names and renamed when complete (`files.atomic_path`):
-  a failed or killed run leaves the previous `emb.npy`/`emb.json`, if any, untouched, and
-  no partial file. The array is renamed first and the list last.
+  a failed or interrupted run (Ctrl-C, SIGTERM: both unwind, removing the temporaries, and
+  exit with 128 + the signal number) leaves the previous `emb.npy`/`emb.json`, if any,
+  untouched, and no partial file; only SIGKILL leaves a temporary, which the next run to
+  that output deletes. The array is renamed first and the list last.
 * Several hosts: every process decodes every batch (simple, and embedding is rarely
   multi-host); process 0 writes the files.
 """
@@ -40,13 +43,16 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 
+from sface_jax import arguments
 from sface_jax import checkpoint
 from sface_jax import cli
 from sface_jax import files
@@ -124,7 +130,7 @@ def read_image(path: str, image_size: int, where: str) -> np.ndarray:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as e:
-    raise images_lib.ImageError(f'{where}: cannot read ({e.strerror or e})') from None
+    raise images_lib.ImageError(where, f'cannot read ({e.strerror or e})') from None
   if images_lib.image_format(data) is None:  # PGM, BMP, ...: stored as PNG, like convert
     data, _ = images_lib.encode_for_storage(data, where)
   return images_lib.decode(data, image_size, where=where)
@@ -132,8 +138,9 @@ def read_image(path: str, image_size: int, where: str) -> np.ndarray:
 
 def decoded_batches(image_list: ImageList, image_size: int, batch_size: int, *,
                     workers: int | None = None) -> Iterator[np.ndarray]:
-  """uint8 (b, S, S, 3) batches in order, decoded by a thread pool one batch ahead (Pillow
-  releases the GIL while it decodes and resizes)."""
+  """uint8 (b, S, S, 3) batches in order, decoded by a thread pool one batch ahead
+  (TensorFlow's decoder and Pillow's resize release the GIL while they work)."""
+  arguments.check_positive(batch_size=batch_size, workers=workers)
   count = len(image_list.paths)
   workers = workers or min(32, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -168,6 +175,7 @@ def embed_files(model, variables, image_list: ImageList, *, image_size: int, bat
   Returns (images, embedding dim). Rows go into a memory-mapped temporary .npy as they come,
   so host memory holds a few batches, not the whole array.
   """
+  arguments.check_positive(batch_size=batch_size, image_size=image_size)
   array_path, list_path = output_paths(output)
   directory = os.path.dirname(os.path.abspath(array_path))
   os.makedirs(directory, exist_ok=True)
@@ -217,6 +225,30 @@ def embed_files(model, variables, image_list: ImageList, *, image_size: int, bat
   return total, dim
 
 
+@contextlib.contextmanager
+def _signals_interrupt():
+  """SIGTERM raises KeyboardInterrupt, as SIGINT does, so that an interrupted run unwinds
+  (removing its temporary files) instead of dying where it stands. Yields {'signal': the
+  signal received} (SIGINT until one is); the previous handlers come back on exit. Off the
+  main thread, where Python cannot set handlers, nothing changes."""
+  received = {'signal': signal.SIGINT}
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+
+  def interrupt(signum, frame):
+    del frame
+    received['signal'] = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+  previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield received
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
 def _parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m sface_jax.embed', formatter_class=cli.HelpFormatter,
@@ -229,7 +261,7 @@ def _parse_args(argv):
                       help='the .npy to write; the file list goes beside it as .json')
   parser.add_argument('--flip', action='store_true',
                       help='embed(x) + embed(flip(x)), the evaluation embedding')
-  parser.add_argument('--batch-size', type=int, default=None,
+  parser.add_argument('--batch-size', type=arguments.positive_int, default=None,
                       help="images per step; default: the run's config.eval.batch_size")
   parser.add_argument('--model', default=None,
                       help='architecture to load the weights into; default: the trained one')
@@ -249,19 +281,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   mesh = sharding.make_mesh() if jax.device_count() > 1 else None
-  batch_size = args.batch_size or config.eval.batch_size
+  batch_size = args.batch_size if args.batch_size is not None else config.eval.batch_size
   metadata = {'checkpoint': workdir, 'step': step, 'model': args.model or config.model.name}
   print(f'embedding {len(image_list.paths):,} images with {metadata["model"]} '
         f'(step {step}) on {jax.device_count()} device(s), batches of {batch_size}'
         f'{", flip-summed" if args.flip else ""}', file=sys.stderr)
   try:
-    count, dim = embed_files(model, variables, image_list, image_size=config.data.image_size,
-                             batch_size=batch_size, output=args.output, flip=args.flip,
-                             mesh=mesh, metadata=metadata,
-                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    with _signals_interrupt() as received:
+      count, dim = embed_files(model, variables, image_list,
+                               image_size=config.data.image_size, batch_size=batch_size,
+                               output=args.output, flip=args.flip, mesh=mesh,
+                               metadata=metadata,
+                               log=lambda line: print(line, file=sys.stderr, flush=True))
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    signum = received['signal']
+    print(f'embed: interrupted ({signum.name}); {args.output} not written (a previous one '
+          'is as it was)', file=sys.stderr, flush=True)
+    return 128 + signum
   _, list_path = output_paths(args.output)
   print(f'wrote {args.output} ({count:,} × {dim} float32) and {list_path}')
   return 0

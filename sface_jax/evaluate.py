@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sface_jax import arguments
 from sface_jax import checkpoint
 from sface_jax import cli
 from sface_jax import progress
@@ -113,7 +114,7 @@ def _parse_args(argv):
                            "default: the run's config.eval.sets")
   parser.add_argument('--data-dir', default=None,
                       help="where set names are looked up; default: the run's config.data.dir")
-  parser.add_argument('--batch-size', type=int, default=None,
+  parser.add_argument('--batch-size', type=arguments.positive_int, default=None,
                       help="images per step; default: the run's config.eval.batch_size")
   parser.add_argument('--model', default=None,
                       help='architecture to load the weights into; default: the trained one')

@@ -3,7 +3,7 @@
 Each identity is a smooth random colour pattern; its images are that pattern shifted by a
 pixel or two plus noise, JPEG-encoded. A small network separates them within a few steps,
 so "loss falls" means something, and everything goes through the converter's format
-(TFRecord shards, dataset_info.json, a verification .npz).
+(TFRecord shards, sface_jax_dataset.json, a verification .npz).
 """
 
 import io
@@ -32,7 +32,7 @@ def _image(rng: np.random.Generator, pattern: np.ndarray) -> bytes:
 def write_dataset(directory: str, *, num_classes: int = 8, per_class: int = 8,
                   image_size: int = 32, num_shards: int = 2, num_val_identities: int = 4,
                   seed: int = 0) -> tfrecord.DatasetInfo:
-  """Writes shards + dataset_info.json + verification/val.npz; returns the info."""
+  """Writes shards + sface_jax_dataset.json + verification/val.npz; returns the info."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(directory, 'verification'), exist_ok=True)

@@ -44,10 +44,27 @@ def test_a_known_similarity_is_recovered_exactly(scale, degrees, tx, ty):
 
 def test_template_and_its_other_sizes():
   np.testing.assert_array_equal(align.template(112), TEMPLATE)
-  np.testing.assert_allclose(align.template(224), TEMPLATE * 2)
-  want_128 = TEMPLATE.copy()  # insightface estimate_norm: 128 crops shift x by 8
-  want_128[:, 0] += 8
-  np.testing.assert_allclose(align.template(128), want_128)
+  for size in (96, 128, 160, 224):  # not only multiples of 112 (insightface refuses 96, 160)
+    np.testing.assert_allclose(align.template(size), TEMPLATE * size / 112, rtol=1e-15)
+
+
+@pytest.mark.parametrize('size', [96, 128, 160])
+def test_aligned_crops_of_other_sizes_put_the_landmarks_on_the_scaled_template(size):
+  """A photo with a bright blob on each landmark: in the crop at S the blobs' centroids sit
+  at the 112 template × S/112, where training's crops (112, resized to S) have them."""
+  landmarks = _apply(_inverse(_similarity(0.6, 17.0, -25.0, 10.0)), TEMPLATE)  # 1/0.6 size
+  ys, xs = np.mgrid[0:260, 0:260].astype(np.float64)
+  photo = np.zeros((260, 260))
+  for x, y in landmarks:
+    photo += 250 * np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 3.0 ** 2))
+  crop = align.align_face(photo, landmarks, size)
+  want = TEMPLATE * size / 112
+  cy, cx = np.mgrid[0:size, 0:size].astype(np.float64)
+  for x, y in want:
+    window = (np.abs(cx - x) <= 7) & (np.abs(cy - y) <= 7)
+    weights = crop * window
+    centroid = (np.sum(weights * cx) / weights.sum(), np.sum(weights * cy) / weights.sum())
+    np.testing.assert_allclose(centroid, (x, y), atol=0.15)
 
 
 def test_noisy_landmarks_least_squares_and_no_mirror():

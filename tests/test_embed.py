@@ -7,7 +7,12 @@ directly, once per image and once per mirrored image for `--flip`.
 
 import json
 import os
+import pathlib
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,7 @@ from sface_jax import models
 from sface_jax.evaluation import embedding
 from sface_jax.tools import import_torch
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
 DIM = 16
 BATCH = 4
@@ -122,6 +128,14 @@ def test_list_bad_input_names_the_file_and_line(tiny_run, tmp_path, capsys):
   err = capsys.readouterr().err
   assert f'{listing} line 6: p2/broken.jpg' in err and 'cannot decode' in err
   assert output.read_bytes() == good
+  # A file Pillow does not recognise is named, not Pillow's `<_io.BytesIO object at 0x…>`.
+  (listing.parent / 'p2' / 'broken.pgm').write_bytes(b'no image at all')
+  listing.write_text('\n'.join(lines + ['p2/broken.pgm']) + '\n')
+  assert embed.main(argv) == 1
+  err = capsys.readouterr().err
+  assert (f'{listing} line 6: p2/broken.pgm: not an image Pillow can read (not a format '
+          'Pillow recognises)') in err and 'BytesIO' not in err
+  assert output.read_bytes() == good
   assert sorted(os.listdir(tmp_path)) == ['emb.json', 'emb.npy', 'faces']
 
   assert embed.main(argv[:-1] + [str(tmp_path / 'emb.bin')]) == 1
@@ -192,3 +206,36 @@ def test_embed_batches_without_flip_is_the_plain_embedding(tiny_run):
   np.testing.assert_allclose(plain, direct, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='a batch of 6 images'):
     list(embedding.embed_batches(model, variables, [images], batch_size=BATCH))
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_run_leaves_no_temporary_file(tiny_run, tmp_path, signum):
+  """Killed while the array is half-written (its temporary exists), the command removes it
+  on the way out, says so, and leaves a previous output as it was."""
+  workdir, _, _ = tiny_run
+  rng = np.random.default_rng(2)
+  for i in range(400):  # one image a batch: hundreds of steps after the temporary appears
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(
+        tmp_path / f'{i}.png')
+  output = tmp_path / 'out' / 'emb.npy'
+  output.parent.mkdir()
+  output.write_bytes(b'previous')
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'sface_jax.embed', '--workdir', str(workdir), '--images',
+       str(tmp_path), '--output', str(output), '--batch-size', '1'],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not list(output.parent.glob('emb.npy.tmp-*')):
+      assert process.poll() is None, process.communicate()
+      assert time.monotonic() < deadline, 'the temporary never appeared'
+      time.sleep(0.01)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 128 + signum, err
+  assert 'interrupted' in err and 'Traceback' not in err
+  assert sorted(p.name for p in output.parent.iterdir()) == ['emb.npy']
+  assert output.read_bytes() == b'previous'

@@ -158,6 +158,37 @@ def test_real_faces_flip_is_an_exact_mirror_and_resize(orl_jpegs):
   assert np.abs(small - box).mean() < 0.02 and np.abs(small).max() <= 1.0
 
 
+def test_16_bit_png_decodes_alike_in_training_and_evaluation(tmp_path):
+  """One decoder for both: a 16-bit PNG keeps the high byte of each sample, ⌊v / 256⌋
+  (libpng's strip, what TensorFlow's decoder does), in the training batch and in
+  `images.decode` (evaluation, embed, IJB, export checks) alike."""
+  from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(16)
+  grey = rng.integers(0, 65536, (SIDE, SIDE), dtype=np.uint16)
+  grey[0, :4] = [0, 255, 256, 65535]  # the edges of the byte boundaries
+  colour = rng.integers(0, 65536, (SIDE, SIDE, 3), dtype=np.uint16)
+  reference = {'grey': np.repeat(np.floor(grey / 256.0)[..., None], 3, axis=2),
+               'colour': np.floor(colour / 256.0)}  # float64
+  encoded = {}
+  buf = io.BytesIO()
+  Image.fromarray(grey).save(buf, 'PNG')  # mode I;16: a 16-bit greyscale PNG
+  encoded['grey'] = buf.getvalue()
+  encoded['colour'] = tf.io.encode_png(tf.constant(colour)).numpy()  # 16-bit RGB PNG
+  assert all(data[24] == 16 for data in encoded.values())  # IHDR bit depth
+  info = _write_shards(tmp_path, [[(encoded['grey'], 0), (encoded['colour'], 1)]], 2)
+  batch = _batches(info, 1, batch_size=2, shuffle_buffer=1, random_flip=False)[0]
+  for row, name in enumerate(('grey', 'colour')):
+    np.testing.assert_array_equal(images_lib.decode(encoded[name]), reference[name])
+    np.testing.assert_array_equal(batch['image'][row],
+                                  ((reference[name] - 127.5) / 128).astype(np.float32))
+  # The converter keeps 16-bit greyscale (a 16-bit PGM) 16-bit: the same decoder reduces it.
+  pgm = io.BytesIO()
+  Image.fromarray(grey).save(pgm, 'PPM')
+  stored, _ = images_lib.encode_for_storage(pgm.getvalue(), 'x.pgm')
+  assert images_lib.image_format(stored) == 'png' and stored[24] == 16
+  np.testing.assert_array_equal(images_lib.decode(stored), reference['grey'])
+
+
 def test_labels_stay_with_their_images_and_batches_have_fixed_size(four_shards):
   # Local batch 12 does not divide the 40-record epoch: batches straddle epochs.
   for batch in _batches(four_shards, 10, batch_size=12):
@@ -463,11 +494,14 @@ def test_bad_input_names_the_file(tmp_path, four_shards):
                      match=r'(?s)neither JPEG nor PNG.*train-00000-of-00001.*record.*1'):
     _batches(not_image, 1, batch_size=2)
 
-  # dataset_info.json promises more records than the shard holds.
+  # The info file promises more records than the shard holds: tf.data's error names no
+  # file ('expected to contain 4'); ours names the shard.
   short = _write_shards(tmp_path / 'short', [[(_id_png(i, 0), 0) for i in range(3)]], 1)
   short = tfrecord.DatasetInfo(**{**short.__dict__, 'num_examples': 4,
                                   'shards': ((short.shards[0][0], 4),)})
-  with pytest.raises(tf.errors.FailedPreconditionError, match='expected to contain 4'):
+  with pytest.raises(tfrecord.DamagedShardError,
+                     match=r'short/train-00000-of-00001\.tfrecord: 3 records, but '
+                           r'sface_jax_dataset\.json records 4\. To recover'):
     _batches(short, 2, batch_size=3)
 
 

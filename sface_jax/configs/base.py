@@ -50,12 +50,12 @@ def defaults() -> ml_collections.ConfigDict:
   config.seed = 0
 
   # ---- data -------------------------------------------------------------------------
-  # `data.dir` holds the converter's output: TFRecord shards, `dataset_info.json` and a
+  # `data.dir` holds the converter's output: TFRecord shards, `sface_jax_dataset.json` and a
   # `verification/` folder of pair sets (python -m sface_jax.tools.convert); '' means
   # `<workdir>/data`.
   config.data = ml_collections.ConfigDict()
   config.data.dir = ''
-  config.data.num_classes = -1  # -1: read from dataset_info.json; otherwise checked.
+  config.data.num_classes = -1  # -1: read from sface_jax_dataset.json; otherwise checked.
   # How hosts share the data (sface_jax.data.pipeline.host_split): 'records' (every host
   # reads every record and keeps its slice of each global batch: the batches do not depend
   # on the number of hosts) or 'files' (each host reads 1/hosts of the files: less reading

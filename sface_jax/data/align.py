@@ -8,9 +8,12 @@ similarity transform (rotation, uniform scale, translation; no shear, no reflect
 fixed positions in a 112×112 crop, and the image is resampled through that transform.
 
 * Template: insightface's `arcface_dst` (python-package/insightface/utils/face_align.py),
-  `ARCFACE_TEMPLATE` below. For other crop sizes insightface scales it: by S/112 when S is a
-  multiple of 112, otherwise by S/128 with x shifted by 8·S/128 (the 128-pixel crops of
-  older recipes); `template(S)` follows that rule.
+  `ARCFACE_TEMPLATE` below. For a crop of S pixels it is scaled by S/112, for every S:
+  a model trained here at input size S saw the 112 × 112 crops resized to S × S, i.e. this
+  template scaled by S/112. (insightface's `estimate_norm` does that for multiples of 112;
+  for multiples of 128 it places the face as the 128-pixel crops of older recipes did, at
+  S/128 scale with x shifted by 8·S/128, a smaller face than our training saw; other sizes
+  it refuses.)
 * Transform: Umeyama, "Least-squares estimation of transformation parameters between two
   point patterns", IEEE TPAMI 13(4), 1991 (the estimator skimage's SimilarityTransform and
   insightface use), written here in NumPy float64: centre both point sets, take the SVD of
@@ -40,16 +43,11 @@ NUM_LANDMARKS = 5
 
 
 def template(image_size: int = 112) -> np.ndarray:
-  """The five target positions (5, 2) in an image_size × image_size crop (insightface's
-  `estimate_norm` rule: ×S/112 for multiples of 112, else ×S/128 and x + 8·S/128)."""
+  """The five target positions (5, 2) in an image_size × image_size crop: the 112-pixel
+  template × image_size / 112 (module docstring)."""
   if image_size <= 0:
     raise ValueError(f'image_size must be positive; got {image_size}')
-  if image_size % 112 == 0:
-    return ARCFACE_TEMPLATE * (image_size / 112.0)
-  ratio = image_size / 128.0
-  points = ARCFACE_TEMPLATE * ratio
-  points[:, 0] += 8.0 * ratio
-  return points
+  return ARCFACE_TEMPLATE * (image_size / 112.0)
 
 
 def check_landmarks(landmarks, where: str = 'landmarks') -> np.ndarray:

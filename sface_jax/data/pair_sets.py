@@ -167,14 +167,6 @@ def read_pairs(path: str) -> PairSet:
   raise PairSetError(f'{path}: unknown pair-set extension {ext!r} (expected .bin or .npz)')
 
 
-def check_images(pair_set: PairSet, where: str) -> None:
-  """Every image is a JPEG or PNG file, or an error naming `where` and the index."""
-  for i, image in enumerate(pair_set.images):
-    if images_lib.image_format(image) is None:
-      raise PairSetError(f'{where}: image {i} is not a JPEG or PNG (starts with '
-                         f'{image[:8].hex(" ")})')
-
-
 # ---------------------------------------------------------------------------------------
 # Finding and decoding a set for evaluation.
 

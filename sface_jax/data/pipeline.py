@@ -41,16 +41,11 @@ from typing import Iterator, Optional
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from sface_jax.data import images as images_lib
 from sface_jax.data import tfrecord
 
-# tf.data only runs on the host: keep TensorFlow off the accelerators that JAX owns.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow already initialised its devices: too late, not fatal.
-  pass
+tf = images_lib.tensorflow()  # on the host only, off the accelerators that JAX owns
 
 # Files read concurrently by the interleave. Fixed, not AUTOTUNE: the interleave's output
 # order depends on it, and AUTOTUNE would make the order depend on the machine.
@@ -277,13 +272,7 @@ def _decode_fn(*, image_size: int, num_classes: int, random_flip: bool,
             [f'{tfrecord.LABEL_KEY} outside [0, {num_classes}):', label] + where),
     ]
     with tf.control_dependencies(checks):
-      # Not tf.io.decode_image: its JPEG path uses libjpeg's fast integer IDCT, up to ~5
-      # levels off PIL's decoding of the same bytes (PIL, like OpenCV, uses libjpeg's
-      # default, the accurate integer IDCT, which this matches exactly).
-      image = tf.cond(
-          is_jpeg,
-          lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
-          lambda: tf.io.decode_png(encoded, channels=3))
+      image = images_lib.decode_tf(encoded)  # the decoder evaluation and convert use too
     same_size = tf.reduce_all(tf.shape(image)[:2] == image_size)
     image = tf.cond(
         same_size, lambda: tf.cast(image, tf.float32),
@@ -357,13 +346,28 @@ def train_dataset(info: tfrecord.DatasetInfo, *, batch_size: int, image_size: in
   `augmentation`: random transforms besides the flip (`Augmentation`; none by default).
   Global batch k is a pure function of (seed, k) with 'records' (of (seed, k, host count)
   with 'files'); `num_threads` (None: tf.data autotuning) only changes speed, never the
-  order.
+  order. A shard that cannot be read (truncated, corrupt, fewer records than recorded)
+  raises `tfrecord.DamagedShardError` naming it and the remedy.
   """
-  return make_train_dataset(
+  return _naming_damaged_shards(make_train_dataset(
       info, batch_size=batch_size, image_size=image_size, seed=seed, start_step=start_step,
       random_flip=random_flip, augmentation=augmentation, shuffle_buffer=shuffle_buffer,
       prefetch=prefetch, process_index=process_index, process_count=process_count,
-      num_threads=num_threads, host_split=host_split).as_numpy_iterator()
+      num_threads=num_threads, host_split=host_split).as_numpy_iterator(), info)
+
+
+def _naming_damaged_shards(batches: Iterator[dict[str, np.ndarray]],
+                           info: tfrecord.DatasetInfo) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, with tf.data's read errors, which name no file ('truncated record at
+  637317', 'expected to contain 75 elements'), replaced by one naming the shard (found by
+  reading every shard once, `tfrecord.find_damaged_shard`)."""
+  try:
+    yield from batches
+  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError):
+    damaged = tfrecord.find_damaged_shard(info)
+    if damaged is None:
+      raise
+    raise damaged from None
 
 
 def global_batch(local_batch: dict[str, np.ndarray],

@@ -29,12 +29,20 @@ import numpy as np
 from sface_jax.data import images as images_lib
 from sface_jax.data import recordio
 
-# (stored image bytes, label, bytes read from the source) for each example.
-Example = tuple[bytes, int, int]
 
 
 class SourceError(ValueError):
   """Bad input; the message names the file and the record or key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One image of a source, as the converter stores it, or why it cannot be stored."""
+  image: bytes  # the file bytes to store (b'' when `error` is set)
+  label: int
+  nbytes: int  # bytes read from the source
+  where: str  # the file, or the record file and key, for messages
+  error: images_lib.ImageError | None = None  # a bad image: skipped or fatal (convert)
 
 
 def natural_key(name: str) -> list[Any]:
@@ -130,7 +138,8 @@ class Source:
 
   def examples(self, positions: np.ndarray, image_size: int | None) -> Iterator[Example]:
     """The examples at `positions` (indices into the source's image list), in that order;
-    resized to image_size × image_size (re-encoded) when given. Errors name the record."""
+    resized to image_size × image_size (re-encoded) when given. A bad image comes as an
+    example with `error` set; a bad record or file raises an error naming it."""
     raise NotImplementedError
 
 
@@ -162,11 +171,12 @@ class InsightFaceSource(Source):
       if not 0 <= label < self.num_classes:
         raise SourceError(f'{where}: label {label} outside [0, {self.num_classes})')
       if images_lib.image_format(image) is None:
-        raise SourceError(f'{where}: payload is not a JPEG or PNG (starts with '
-                          f'{image[:8].hex(" ")})')
-      if image_size:
-        image = images_lib.encode_for_storage(image, where, image_size)[0]
-      yield image, label, len(payload)
+        yield Example(b'', label, len(payload), where, images_lib.ImageError(
+            where, f'payload is not a JPEG or PNG (starts with {image[:8].hex(" ")})'))
+      elif image_size:
+        yield _stored(image, label, len(payload), where, image_size)
+      else:
+        yield Example(image, label, len(payload), where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +189,24 @@ class ImageFolderSource(Source):
   def examples(self, positions, image_size):
     for position in positions:
       path, label = self.files[int(position)]
-      with open(path, 'rb') as f:
-        data = f.read()
-      image = images_lib.encode_for_storage(data, path, image_size, self.image_size)[0]
-      yield image, label, len(data)
+      yield read_example(path, label, image_size, self.image_size)
+
+
+def read_example(path: str, label: int, image_size: int | None = None,
+                 expected_size: tuple[int, int] | None = None) -> Example:
+  """An image file as an `Example` (see `images.encode_for_storage` for the sizes)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  return _stored(data, label, len(data), path, image_size, expected_size)
+
+
+def _stored(data: bytes, label: int, nbytes: int, where: str, image_size: int | None,
+            expected_size: tuple[int, int] | None = None) -> Example:
+  try:
+    image = images_lib.encode_for_storage(data, where, image_size, expected_size)[0]
+  except images_lib.ImageError as e:
+    return Example(b'', label, nbytes, where, e)
+  return Example(image, label, nbytes, where)
 
 
 def is_insightface(path: str) -> bool:

@@ -7,6 +7,13 @@ process to a temporary name and renamed when complete, so a killed conversion le
 complete shards. The plan (`conversion_plan.json`) is a pure function of the input's
 fingerprint and the options: a rerun with the same plan writes only the missing shards, a
 different plan (another dataset, other options) is refused.
+
+Every image is decoded before it is written, by the decoder training uses
+(`images.decode_tf`, `check_decodable`), so an image training could not read stops the
+conversion with its file or record named. With `skip_bad` such images are left out instead
+and listed: each shard's list goes to `skipped/<shard>.json` before the shard is renamed
+(so a resumed conversion knows every shard's true count), and `convert` gathers them into
+`skipped.json`.
 """
 
 from __future__ import annotations
@@ -15,23 +22,27 @@ import concurrent.futures
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from sface_jax import files
 from sface_jax import progress
+from sface_jax.data import images as images_lib
 from sface_jax.data import sources
 from sface_jax.data import tfrecord
 
 PLAN_FILE = 'conversion_plan.json'
 PLAN_FORMAT = 'sface_jax.conversion_plan/1'
 DEFAULT_SHARD_BYTES = 128 << 20
+SKIPPED_DIR = 'skipped'  # one list per shard or pair set that left out bad images
+CHECK_BATCH = 64  # images decoded per traced call by `check_decodable`
 
 
 def shard_bounds(num_images: int, num_shards: int) -> np.ndarray:
@@ -98,8 +109,60 @@ def claim_output(output: str, plan: dict[str, Any]) -> bool:
 
 def missing_shards(output: str, plan: dict[str, Any]) -> list[int]:
   files.remove_stale(os.path.join(output, 'train-*.tfrecord'))
+  files.remove_stale(os.path.join(output, SKIPPED_DIR, '*.json'))
   return [i for i, s in enumerate(plan['shards'])
           if not os.path.exists(os.path.join(output, s['file']))]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad images: found by decoding, then fatal or skipped and listed.
+
+
+def check_decodable(examples: Iterable[sources.Example]) -> Iterator[sources.Example]:
+  """`examples`, in order, with `error` set on each image training's decoder refuses."""
+  iterator = iter(examples)
+  while chunk := list(itertools.islice(iterator, CHECK_BATCH)):
+    good = [i for i, example in enumerate(chunk) if example.error is None]
+    refused = images_lib.find_undecodable([chunk[i].image for i in good])
+    for j, reason in refused.items():
+      example = chunk[good[j]]
+      chunk[good[j]] = dataclasses.replace(
+          example, image=b'', error=images_lib.ImageError(example.where, reason))
+    yield from chunk
+
+
+def keep(example: sources.Example, skip_bad: bool, skipped: list[dict[str, str]]) -> bool:
+  """Whether to store `example`; a bad one is listed in `skipped` (skip_bad) or raised."""
+  if example.error is None:
+    return True
+  if not skip_bad:
+    raise example.error
+  skipped.append({'image': example.where, 'reason': example.error.reason})
+  return False
+
+
+def skip_list_path(output: str, unit: str) -> str:
+  """Where the list of images skipped in `unit` (a shard or pair-set file) goes."""
+  return os.path.join(output, SKIPPED_DIR, unit.replace('/', '-') + '.json')
+
+
+def write_skip_list(output: str, unit: str, skipped: list[dict[str, str]]) -> None:
+  """Records what `unit` left out (nothing: no file), before `unit` itself is renamed."""
+  path = skip_list_path(output, unit)
+  if os.path.exists(path):
+    os.remove(path)
+  if skipped:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with files.atomic_write(path) as f:
+      json.dump(skipped, f, indent=1)
+
+
+def read_skip_list(output: str, unit: str) -> list[dict[str, str]]:
+  path = skip_list_path(output, unit)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,28 +179,33 @@ class _ShardTask:
 # not once per shard (MS1MV2's key and offset tables are ~90 MB).
 _SOURCE: sources.Source | None = None
 _IMAGE_SIZE: int | None = None
+_SKIP_BAD = False
 _COUNTERS = None
 
 
-def _init_worker(source, image_size, counters) -> None:
-  global _SOURCE, _IMAGE_SIZE, _COUNTERS
-  _SOURCE, _IMAGE_SIZE, _COUNTERS = source, image_size, counters
+def _init_worker(source, image_size, skip_bad, counters) -> None:
+  global _SOURCE, _IMAGE_SIZE, _SKIP_BAD, _COUNTERS
+  _SOURCE, _IMAGE_SIZE, _SKIP_BAD, _COUNTERS = source, image_size, skip_bad, counters
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def _write_shard(task: _ShardTask) -> int:
-  """Writes one shard atomically; returns its example count."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Writes one shard atomically, with its skip list; returns its example count."""
+  tf = images_lib.tensorflow()
+  output, name = os.path.split(task.path)
   count = pending_images = pending_bytes = 0
+  skipped = []
   with files.atomic_path(task.path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
-    for image, label, nbytes in _SOURCE.examples(task.positions, _IMAGE_SIZE):
-      writer.write(tfrecord.encode_example(image, label))
-      count += 1
+    for example in check_decodable(_SOURCE.examples(task.positions, _IMAGE_SIZE)):
+      if keep(example, _SKIP_BAD, skipped):
+        writer.write(tfrecord.encode_example(example.image, example.label))
+        count += 1
       pending_images += 1
-      pending_bytes += nbytes
-      if pending_images == 64:
+      pending_bytes += example.nbytes
+      if pending_images == CHECK_BATCH:
         _count(pending_images, pending_bytes)
         pending_images = pending_bytes = 0
+    write_skip_list(output, name, skipped)
   _count(pending_images, pending_bytes)
   return count
 
@@ -151,8 +219,10 @@ def _count(images: int, nbytes: int) -> None:
 
 def write_shards(source: sources.Source, output: str, plan: dict[str, Any],
                  permutation: np.ndarray, shards: list[int], *, image_size: int | None,
-                 workers: int, progress_interval: float, log: Callable[[str], None]) -> None:
-  """Writes `shards` (indices into the plan) with `workers` processes, logging progress."""
+                 workers: int, progress_interval: float, log: Callable[[str], None],
+                 skip_bad: bool = False) -> None:
+  """Writes `shards` (indices into the plan) with `workers` processes, logging progress.
+  A bad image raises its `ImageError`, or with `skip_bad` is left out and listed."""
   if not shards:
     return
   bounds = shard_bounds(source.num_images, plan['num_shards'])
@@ -164,16 +234,16 @@ def write_shards(source: sources.Source, output: str, plan: dict[str, Any],
   counters = (ctx.Value('q', 0), ctx.Value('q', 0))
   with _Reporter(counters, total_images, total_bytes, progress_interval, log) as reporter:
     if workers <= 1 or len(tasks) == 1:
-      _init_worker(source, image_size, counters)
+      _init_worker(source, image_size, skip_bad, counters)
       try:
         for task in tasks:
           _write_shard(task)
       finally:
-        _init_worker(None, None, None)
+        _init_worker(None, None, False, None)
     else:
       with concurrent.futures.ProcessPoolExecutor(
           max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
-          initargs=(source, image_size, counters)) as pool:
+          initargs=(source, image_size, skip_bad, counters)) as pool:
         futures = [pool.submit(_write_shard, t) for t in tasks]
         try:
           for future in concurrent.futures.as_completed(futures):

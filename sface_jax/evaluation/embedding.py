@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sface_jax import arguments
 from sface_jax import xla_options
 from sface_jax.data import images as images_lib
 
@@ -79,6 +80,7 @@ def embed(apply_fn_or_model: nn.Module | Callable[..., Any], variables: Any, ima
     float64; the float32 sum differs by at most half an ulp, which moves a pair's distance by
     ~1e-7 -- it changes a decision only for a pair that close to a threshold.)
   """
+  arguments.check_positive(batch_size=batch_size)
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be (N, H, W, 3); got {images.shape}')
@@ -123,9 +125,10 @@ def embed_batches(apply_fn_or_model: nn.Module | Callable[..., Any], variables: 
   float32 (b, D) per batch, in order, while up to two more batches are in flight, so the
   caller can decode the next batch while the devices work.
   """
-  for embeddings in _embed_stream(apply_fn_or_model, variables, batches, batch_size=batch_size,
-                                  mesh=mesh, flip=flip):
-    yield embeddings[0] if flip else embeddings
+  arguments.check_positive(batch_size=batch_size)  # now, not at the first batch
+  stream = _embed_stream(apply_fn_or_model, variables, batches, batch_size=batch_size,
+                         mesh=mesh, flip=flip)
+  return (summed for summed, _ in stream) if flip else stream
 
 
 @functools.cache

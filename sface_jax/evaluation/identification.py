@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sface_jax import arguments
 from sface_jax import sharding
 
 RANKS = (1, 5)
@@ -145,6 +146,7 @@ class Gallery:
       chunk_rows: rows per device scored at once (memory: probe batch × chunk_rows × 4 B).
       precision: of the score matrix product (see the module docstring).
     """
+    arguments.check_positive(chunk_rows=chunk_rows)
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
       raise ValueError(f'gallery embeddings must be (G, D) with G, D > 0; got '
@@ -181,6 +183,7 @@ class Gallery:
     """The k best gallery rows per probe: (scores float32 (Q, k), rows int32 (Q, k)),
     best first, ties to the lower row. Probes go in batches of `batch_size` (the last one
     padded, so one compiled shape serves them all), two in flight."""
+    arguments.check_positive(batch_size=batch_size)
     probes = np.asarray(probes, np.float32)
     if probes.ndim != 2 or probes.shape[1] != self.dim:
       raise ValueError(f'probes must be (Q, {self.dim}); got {probes.shape}')
@@ -310,6 +313,8 @@ def identification_metrics(gallery_embeddings: np.ndarray | Gallery, gallery_lab
   `gallery_embeddings` may be a `Gallery` already on the devices (then `mesh` and
   `chunk_rows` are its own). k = max(ranks); ranks beyond the gallery size are clipped.
   """
+  arguments.check_positive(batch_size=batch_size, chunk_rows=chunk_rows,
+                           **{f'ranks[{i}]': int(r) for i, r in enumerate(ranks)})
   gallery_labels = np.asarray(gallery_labels)
   if isinstance(gallery_embeddings, Gallery):
     gallery = gallery_embeddings
@@ -408,13 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='a second emb.npy of probes; without it --embeddings is split: the '
                            'first --gallery-per-identity images of each identity to the '
                            'gallery, --non-mated-identities identities held out')
-  parser.add_argument('--gallery-per-identity', type=int, default=1,
+  parser.add_argument('--gallery-per-identity', type=arguments.positive_int, default=1,
                       help='without --probes: images of each identity enrolled in the gallery')
-  parser.add_argument('--non-mated-identities', type=int, default=0,
+  parser.add_argument('--non-mated-identities', type=arguments.non_negative_int, default=0,
                       help='without --probes: identities left out of the gallery (their '
                            'images are non-mated probes)')
   parser.add_argument('--seed', type=int, default=0, help='which identities are held out')
-  parser.add_argument('--batch-size', type=int, default=1024, help='probes per search step')
+  parser.add_argument('--batch-size', type=arguments.positive_int, default=1024,
+                      help='probes per search step')
   parser.add_argument('--json', default=None, help='also write the metrics here')
   args = parser.parse_args(argv)
   try:

@@ -14,8 +14,8 @@ What is computed (insightface `recognition/arcface_torch/eval_ijbc.py`, whose de
 1. each face is aligned from its 5 landmarks onto the ArcFace template with a similarity
    transform and a bilinear warp, black outside the image (`sface_jax.data.align`; eval_ijbc
    does the same with skimage's `SimilarityTransform` and `cv2.warpAffine(borderValue=0)`
-   onto the same template), at the model's input size S (`config.data.image_size`; for
-   S ≠ 112 the template is scaled by `align.template`'s rule);
+   onto the same template), at the model's input size S (`config.data.image_size`; the
+   template scaled by S/112, as training's resized crops have it: `align.template`);
 2. image feature f_i = e(face) + e(flipped face), the raw embeddings added
    (`sface_jax.evaluation.embedding.embed`; eval_ijbc's "F2"); not normalised, so that the
    feature norm weighs the face in the pooling (eval_ijbc's "N1": `use_norm_score`;
@@ -35,8 +35,9 @@ What is computed (insightface `recognition/arcface_torch/eval_ijbc.py`, whose de
    rule (`sklearn.metrics.auc`).
 
 Differences, deliberate: pooling is float64 (eval_ijbc pools float32 features and sums
-media in float32), which moves scores by ~1e-7; faces are decoded with PIL (RGB) rather than
-`cv2.imread` + BGR→RGB, which can differ by a grey level where the JPEG decoders differ; the
+media in float32), which moves scores by ~1e-7; faces are decoded by training's decoder
+(`images.decode`: libjpeg's accurate IDCT, as PIL's) rather than `cv2.imread` + BGR→RGB,
+which can differ by a grey level where the JPEG decoders differ; the
 pixel normalisation is the model's own, (x − 127.5)/128 (arcface_torch's is /127.5); and
 meta-data inconsistencies that eval_ijbc passes over are errors (`sface_jax.data.ijb`).
 A missing or undecodable image is an error naming the image and its line in the 5-point file.
@@ -60,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from sface_jax import arguments
 from sface_jax import files
 from sface_jax.data import ijb as ijb_data
 from sface_jax.evaluation import far_resolution
@@ -209,12 +211,14 @@ def image_features(model, variables, meta: ijb_data.IJBMeta, image_size: int, *,
   Faces are decoded and aligned by `workers` threads, one chunk ahead of the model.
   """
   from sface_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
+  arguments.check_positive(image_size=image_size, batch_size=batch_size, workers=workers,
+                           chunk_size=chunk_size)
   align_fn = align_fn or _default_align()
   chunk_size = chunk_size or max(4 * batch_size, 1024)
   num_faces = meta.num_faces
   starts = list(range(0, num_faces, chunk_size))
   features, norms = [], []
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     def submit(start):
       return [pool.submit(aligned_face, meta, i, image_size, align_fn)
               for i in range(start, min(start + chunk_size, num_faces))]
@@ -301,6 +305,7 @@ def evaluate_ijb(model, variables, ijb_dir: str, target: str, image_size: int, *
                  align_fn: Callable[..., np.ndarray] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> IJBResult:
   """Reads `ijb_dir`'s meta files, embeds every face and runs the 1:1 protocol."""
+  arguments.check_positive(image_size=image_size, batch_size=batch_size, workers=workers)
   meta = ijb_data.load_meta(ijb_dir, target)
   features, norms = image_features(model, variables, meta, image_size, batch_size=batch_size,
                                    mesh=mesh, workers=workers, align_fn=align_fn,
@@ -386,9 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='the IJBB or IJBC folder: meta/ and loose_crop/')
   parser.add_argument('--target', default='IJBC', type=str.upper, choices=ijb_data.TARGETS,
                       help='which benchmark the folder holds (its meta/ file prefix)')
-  parser.add_argument('--batch-size', type=int, default=None,
+  parser.add_argument('--batch-size', type=arguments.positive_int, default=None,
                       help="faces per step; default: the run's config.eval.batch_size")
-  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+  parser.add_argument('--workers', type=arguments.positive_int,
+                      default=min(8, os.cpu_count() or 1),
                       help='threads decoding and aligning faces')
   parser.add_argument('--no-detector-score', action='store_true',
                       help="do not weight faces by the detector score (eval_ijbc's D1 off)")
