@@ -184,3 +184,13 @@ def test_batch_norm_is_torchs_unbiased_and_flaxs_biased(shape):
   np.testing.assert_allclose(
       ours('unbiased', True)[1]['batch_stats']['var'] - updates['batch_stats']['var'],
       0.1 * batch_var / (n - 1), rtol=1e-3)
+
+
+def test_the_bench_prints_both_trajectories(capsys):
+  """`python -m bench.parity` end to end (small): the per-step table and the parameter gaps."""
+  assert parity.main(['--model', 'tiny', '--image-size', '32', '--embedding-dim', '32',
+                      '--steps', '2', '--report-steps', '1']) == 0
+  out = capsys.readouterr().out
+  assert '| step | lr | arcface_torch logs | loss arcface_torch | loss ours |' in out
+  assert '| 1 | 0.1 |' in out and '| 2 | 0.099 |' in out
+  assert '| 1 | ours − theirs |' in out and '| 2 | control − theirs |' in out
