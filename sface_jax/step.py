@@ -80,7 +80,8 @@ def make_setup(config: ml_collections.ConfigDict, *, num_classes: int, steps_per
   padded_classes = sharding.padded_num_classes(num_classes, mesh)
   return Setup(
       model=models.get_model(config.model.name, embedding_dim=config.model.embedding_dim,
-                             dropout=config.model.dropout, dtype=config.model.dtype),
+                             dropout=config.model.dropout, dtype=config.model.dtype,
+                             bn_running_var=config.model.bn_running_var),
       classifier=heads.ClassCenters(num_classes=num_classes,
                                     embedding_dim=config.model.embedding_dim,
                                     use_bias=head.uses_bias, padded_classes=padded_classes,

@@ -89,3 +89,48 @@ def test_unknown_names_are_errors_naming_the_field():
   config.name = 'lamb'
   with pytest.raises(ValueError, match='config.optimizer.name'):
     optim.make_optimizer(config, optax.constant_schedule(0.1))
+
+
+@pytest.mark.parametrize('scope', ['all', 'backbone'])
+def test_clipping_scales_the_chosen_parameters_gradient_to_the_norm(scope):
+  """torch.nn.utils.clip_grad_norm_(parameters, c) then SGD: g ← g·min(1, c/‖g‖) over the
+  scope's parameters (arcface_torch: the backbone's), the others untouched; the frozen γ
+  counts in neither (torch: requires_grad=False, no gradient)."""
+  config = base.get_config().optimizer
+  config.weight_decay, config.momentum = 0.0, 0.0
+  config.grad_clip_norm, config.grad_clip_scope = 1.0, scope
+  params = _params()
+  grads = jax.tree.map(lambda p: np.full(p.shape, 3.0, np.float32), params)
+  optimizer = optim.make_optimizer(config, optax.constant_schedule(1.0))
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  clipped = ['backbone/conv1/kernel', 'backbone/bn1/scale', 'backbone/bn1/bias',
+             'backbone/features/bias']
+  if scope == 'all':
+    clipped.append('classifier/class_centers')
+  norm = 3.0 * math.sqrt(sum(
+      np.size(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+      if sharding.path_name(path) in clipped))
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = sharding.path_name(path)
+    if name == 'backbone/features/scale':
+      want = 0.0
+    else:
+      want = -3.0 / norm if name in clipped else -3.0
+    np.testing.assert_allclose(update, want, rtol=1e-6, err_msg=name)
+
+
+def test_unknown_clip_scope_is_an_error_naming_the_field():
+  config = base.get_config().optimizer
+  config.grad_clip_norm, config.grad_clip_scope = 5.0, 'head'
+  with pytest.raises(ValueError, match='config.optimizer.grad_clip_scope'):
+    optim.make_optimizer(config, optax.constant_schedule(0.1))
+
+
+@pytest.mark.parametrize('name', ['polynomial', 'cosine', 'constant'])
+def test_first_step_at_peak_then_the_linear_warmup_from_step_two(name):
+  """arcface_torch's PolynomialLRWarmup: lr, lr·1/W, lr·2/W, …, lr, then the decay."""
+  plain, peak = _schedule(name), _schedule(name, first_step_at_peak=True)
+  assert float(plain(0)) == 0.0 and float(peak(0)) == pytest.approx(0.1)
+  for t in range(1, 100):
+    assert float(peak(t)) == float(plain(t)), t
+  assert float(peak(5)) == pytest.approx(0.05)

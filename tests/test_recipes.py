@@ -147,3 +147,34 @@ def test_sface_recipes_use_the_published_hyper_parameters():
   assert float(schedule(101_000)) == pytest.approx(0.01)
   assert float(schedule(161_000)) == pytest.approx(0.001)
   assert abs(ms1m.num_epochs * steps_per_epoch - 180_000) < 100
+
+
+def test_arcface_torch_recipes_use_their_configs_values():
+  """Each recipe that reproduces an arcface_torch config has that config's values (the table
+  bench/parity.py runs them against) and train_v2.py's fixed ones: clip the backbone's
+  gradient to 5, decay every parameter, PolynomialLRWarmup (power 1, step 1 at the peak),
+  the margin outside autograd, PyTorch's batch norm."""
+  parity = pytest.importorskip('bench.parity')  # imports torch
+  for recipe, theirs in parity.ARCFACE_TORCH.items():
+    config = _recipe(recipe)
+    m1, m2, m3 = theirs.margins
+    head = ((config.head.name, config.head.arcface.m) if m3 == 0 else
+            (config.head.name, config.head.cosface.m))
+    assert head == (('arcface', m2) if m3 == 0 else ('cosface', m3)), recipe
+    assert m1 == 1.0 and config.head.scale == 64.0
+    assert config.head.arcface.insightface_grad and not config.head.arcface.easy_margin
+    assert (config.model.name, config.model.embedding_dim) == (theirs.network, 512), recipe
+    assert config.batch_size == theirs.batch_size * theirs.gpus, recipe
+    assert config.num_epochs == theirs.num_epochs, recipe
+    assert config.head.sample_rate == theirs.sample_rate, recipe
+    optimizer, schedule = config.optimizer, config.schedule
+    assert (optimizer.name, optimizer.momentum, optimizer.nesterov) == ('sgd', 0.9, False)
+    assert optimizer.weight_decay == theirs.weight_decay, recipe
+    assert optimizer.no_decay == '' and optimizer.frozen == base.get_config().optimizer.frozen
+    assert (optimizer.grad_clip_norm, optimizer.grad_clip_scope) == (5.0, 'backbone')
+    assert (schedule.name, schedule.power, schedule.end_learning_rate) == ('polynomial', 1.0,
+                                                                            0.0)
+    assert schedule.learning_rate == theirs.learning_rate, recipe
+    assert schedule.warmup_epochs == theirs.warmup_epochs, recipe
+    assert schedule.first_step_at_peak
+    assert config.model.bn_running_var == 'unbiased'

@@ -1,16 +1,21 @@
-"""PyTorch baselines: insightface arcface_torch's IResNet and MobileFaceNet, rewritten here.
+"""PyTorch baselines: insightface arcface_torch's IResNet, MobileFaceNet and training step,
+rewritten here.
 
 Written from the architecture description (ArcFace paper; arcface_torch
 `backbones/iresnet.py` and `backbones/mobilefacenet.py`, whose module names, and so
-state_dict keys, we reproduce), not copied. Used by tests/test_import_torch.py (weight
-import must give the same embeddings), tests/test_models.py (parameter counts) and
+state_dict keys, we reproduce) and from what arcface_torch's `train_v2.py`, `partial_fc_v2.py`,
+`losses.py` and `lr_scheduler.py` compute (`ArcFaceTorchStep`), not copied. Used by
+tests/test_import_torch.py (weight import must give the same embeddings), tests/test_models.py
+(parameter counts), tests/test_parity.py and bench/parity.py (the same training step) and
 bench/backbone.py (CPU speed side by side). Importing this module imports torch.
 """
 
-from typing import Sequence
+import copy
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 EPS = 1e-5
 
@@ -64,6 +69,12 @@ class IResNet(nn.Module):
     self.features = nn.BatchNorm1d(num_features, eps=EPS)
     nn.init.constant_(self.features.weight, 1.0)
     self.features.weight.requires_grad = False
+    for module in self.modules():  # arcface_torch's initialisation (fc keeps torch's)
+      if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.1)
+      elif isinstance(module, nn.BatchNorm2d):
+        nn.init.constant_(module.weight, 1.0)
+        nn.init.constant_(module.bias, 0.0)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.prelu(self.bn1(self.conv1(x)))
@@ -207,3 +218,150 @@ def randomize_(model: nn.Module, seed: int = 0, image_size: int = 112) -> nn.Mod
     module.running_mean.add_(normal(std.shape, 1.0) * 0.2 * std)
     module.running_var.mul_(uniform(std.shape, 0.5, 2.0))
   return model
+
+
+# ---- arcface_torch's training step ------------------------------------------------------------
+# What train_v2.py does per batch on one process with fp16 = False and gradient_acc = 1, at
+# Partial FC sample rate 1 (PartialFC_V2 then uses every class centre: no sampling).
+
+
+def margin_logits(cosines: torch.Tensor, labels: torch.Tensor, *, scale: float, m1: float,
+                  m2: float, m3: float) -> torch.Tensor:
+  """arcface_torch's CombinedMarginLoss on (B, C) cosines clamped to [−1, 1].
+
+  (1, m2, 0), ArcFace: under `no_grad`, in place, every cosine c becomes cos(arccos c) and the
+  target's cos(arccos c_y + m2), so the value carries the margin but the backward pass sees
+  s·c only. m3 > 0, CosFace: the target becomes c_y − m3, with its gradient (m2 is ignored
+  there). Other margins raise, as theirs does.
+  """
+  rows = torch.arange(labels.shape[0])
+  if m1 == 1.0 and m3 == 0.0:
+    with torch.no_grad():
+      cosines.arccos_()
+      cosines[rows, labels] += m2
+      cosines.cos_()
+    return cosines * scale
+  if m3 > 0.0:
+    cosines[rows, labels] = cosines[rows, labels] - m3
+    return cosines * scale
+  raise ValueError(f'arcface_torch has no margin ({m1}, {m2}, {m3})')
+
+
+class SoftmaxCrossEntropy(torch.autograd.Function):
+  """partial_fc_v2's DistCrossEntropy on one process: p = softmax (max subtracted, exp,
+  divided by the sum), loss = −mean log max(p_y, 1e-30); its backward is written out,
+  (p − one_hot)/B.
+
+  So the value caps each sample's loss at −log 1e-30 = 69.08 (what arcface_torch logs) while
+  the gradient is the uncapped cross-entropy's: `uncapped_cross_entropy` is the loss that
+  gradient belongs to.
+  """
+
+  @staticmethod
+  def forward(ctx, logits, labels):  # pylint: disable=arguments-differ
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    probabilities = shifted.exp()
+    probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
+    ctx.save_for_backward(probabilities, labels)
+    target = probabilities.gather(1, labels[:, None])
+    return -target.clamp_min(1e-30).log().mean()
+
+  @staticmethod
+  def backward(ctx, grad):  # pylint: disable=arguments-differ
+    probabilities, labels = ctx.saved_tensors
+    one_hot = F.one_hot(labels, probabilities.shape[1]).to(probabilities.dtype)
+    return (probabilities - one_hot) / probabilities.shape[0] * grad, None
+
+
+def uncapped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+  """mean_i [log Σ_j e^{z_ij} − z_iy], in log space (no cap, no underflow)."""
+  return (torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None])[:, 0]).mean()
+
+
+class PartialFC(nn.Module):
+  """PartialFC_V2 at sample rate 1 on one process: `weight` (C, D) from N(0, 0.01²); the loss
+  of normalised embeddings against normalised centres, margins, softmax cross-entropy.
+  `forward` returns arcface_torch's (capped) loss; `uncapped_loss` then holds the
+  cross-entropy its gradient belongs to (`SoftmaxCrossEntropy`)."""
+
+  def __init__(self, num_classes: int, embedding_dim: int, margins: Tuple[float, float, float],
+               scale: float = 64.0):
+    super().__init__()
+    self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_dim)))
+    self.margins, self.scale = margins, scale
+
+  def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    cosines = F.linear(F.normalize(embeddings), F.normalize(self.weight)).clamp(-1, 1)
+    m1, m2, m3 = self.margins
+    logits = margin_logits(cosines, labels, scale=self.scale, m1=m1, m2=m2, m3=m3)
+    self.uncapped_loss = uncapped_cross_entropy(logits.detach(), labels).item()
+    return SoftmaxCrossEntropy.apply(logits, labels)
+
+
+def polynomial_lr_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                         power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+  """lr_scheduler.PolynomialLRWarmup's learning rates, as a LambdaLR of the step count l.
+
+  Theirs: l = 0 (the first optimiser step) keeps the optimiser's initial lr; 1 ≤ l ≤ W gives
+  lr·l/W; l > W multiplies the previous lr by ((1 − (l − W)/(T − W))/(1 − (l − 1 − W)/(T −
+  W)))^power, a product that telescopes to lr·(1 − (l − W)/(T − W))^power; past T it stays 0.
+  """
+  def factor(step):
+    if step == 0:
+      return 1.0
+    if step <= warmup_steps:
+      return step / warmup_steps
+    return (1.0 - (min(step, total_steps) - warmup_steps) / (total_steps - warmup_steps)) ** power
+  return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ArcFaceTorchStep:
+  """arcface_torch's training step: forward, PartialFC loss, backward, the backbone's gradient
+  clipped to norm `clip_norm`, SGD (momentum 0.9, `weight_decay` on every parameter with a
+  gradient, class centres included), then the scheduler's step. `step(images, labels)` takes
+  NCHW images and returns the loss before the update: the cross-entropy the gradient belongs
+  to; `logged_loss` is then what train_v2.py logs (each sample's loss capped at 69.08)."""
+
+  def __init__(self, backbone: nn.Module, classifier: PartialFC, *, learning_rate: float,
+               weight_decay: float, warmup_steps: int, total_steps: int, power: float = 1.0,
+               clip_norm: float = 5.0):
+    self.backbone, self.classifier, self.clip_norm = backbone.train(), classifier, clip_norm
+    self.optimizer = torch.optim.SGD(
+        [{'params': backbone.parameters()}, {'params': classifier.parameters()}],
+        lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    self.scheduler = polynomial_lr_warmup(self.optimizer, warmup_steps, total_steps, power)
+    self.settings = dict(learning_rate=learning_rate, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, total_steps=total_steps, power=power,
+                         clip_norm=clip_norm)
+
+  @property
+  def learning_rate(self) -> float:
+    """The lr the next step runs at."""
+    return self.optimizer.param_groups[0]['lr']
+
+  def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    dtype = self.classifier.weight.dtype
+    loss = self.classifier(self.backbone(images.to(dtype)), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.clip_norm)
+    self.optimizer.step()
+    self.optimizer.zero_grad()
+    self.scheduler.step()
+    self.logged_loss = loss.item()
+    return self.classifier.uncapped_loss
+
+  def copy(self, dtype: torch.dtype = torch.float32, relative_noise: float = 0.0,
+           seed: int = 0) -> 'ArcFaceTorchStep':
+    """The same step from the same weights, in `dtype`, each parameter optionally multiplied by
+    (1 + relative_noise·N(0, 1)) (the float32 control); only before the first step (the
+    optimiser state is not copied)."""
+    backbone = copy.deepcopy(self.backbone).to(dtype)
+    classifier = copy.deepcopy(self.classifier).to(dtype)
+    if relative_noise:
+      generator = torch.Generator().manual_seed(seed)
+      with torch.no_grad():
+        for parameter in list(backbone.parameters()) + list(classifier.parameters()):
+          if parameter.requires_grad:
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            parameter.copy_(parameter.double() * (1.0 + relative_noise * noise))
+    return ArcFaceTorchStep(backbone, classifier, **self.settings)

@@ -89,6 +89,12 @@ def defaults() -> ml_collections.ConfigDict:
   config.model.embedding_dim = 512
   config.model.dropout = 0.0  # before the embedding FC; insightface r50 uses 0.
   config.model.dtype = 'float32'  # computation dtype; 'bfloat16' on GPU/TPU.
+  # The batch-norm running variance (what eval-mode batch norm divides by) is updated with
+  # the batch variance ÷n ('biased', Flax's convention) or ÷(n − 1) ('unbiased', PyTorch's:
+  # n/(n − 1) times larger, 0.2 % at n = 512), n = the values each statistic is over (batch ×
+  # height × width). Training-mode outputs are the same either way (both normalise by the
+  # biased batch variance). Recipes from PyTorch code bases set 'unbiased'.
+  config.model.bn_running_var = 'biased'
 
   # ---- head (loss) ------------------------------------------------------------------
   # `head.name` picks one loss; each loss keeps its own hyper-parameters below, with the
@@ -146,7 +152,12 @@ def defaults() -> ml_collections.ConfigDict:
   # Parameters that never change (torch's requires_grad=False): ArcFace's fixed γ of the
   # embedding batch norm. Neither the gradient nor weight decay moves them.
   config.optimizer.frozen = r'(.*/)?features/scale'
-  config.optimizer.grad_clip_norm = 0.0  # 0: no clipping.
+  # Gradient clipping: rescale the gradient of the parameters in `grad_clip_scope` to norm
+  # ≤ grad_clip_norm (their global L2 norm), before weight decay and momentum. 'all': every
+  # trained parameter, class centres included; 'backbone': the backbone's only, as insightface
+  # arcface_torch (`clip_grad_norm_(backbone.parameters(), 5)`). 0: no clipping.
+  config.optimizer.grad_clip_norm = 0.0
+  config.optimizer.grad_clip_scope = 'all'  # all | backbone
 
   config.schedule = ml_collections.ConfigDict()
   config.schedule.name = 'piecewise'  # piecewise | polynomial | cosine | constant
@@ -154,8 +165,14 @@ def defaults() -> ml_collections.ConfigDict:
   config.schedule.warmup_epochs = 0.0
   config.schedule.boundaries_epochs = (10.0, 18.0, 22.0)  # piecewise: lr *= decay_factor
   config.schedule.decay_factor = 0.1
-  config.schedule.power = 2.0  # polynomial (insightface arcface_torch uses 2)
+  # polynomial: insightface arcface_torch's train_v2.py (`PolynomialLRWarmup`, since April
+  # 2023) uses 1; its earlier train.py (`PolyScheduler`) used 2.
+  config.schedule.power = 2.0
   config.schedule.end_learning_rate = 0.0
+  # With warm-up, step 1 runs at the peak `learning_rate` instead of 0, and the linear warm-up
+  # goes on from step 2 (lr·1/W, lr·2/W, ...): arcface_torch's `PolynomialLRWarmup` does this
+  # (before its first `step()` the optimiser holds the initial lr). No effect without warm-up.
+  config.schedule.first_step_at_peak = False
 
   config.batch_size = 512  # global, over all devices and hosts
   config.num_epochs = 24.0
@@ -185,15 +202,25 @@ def epochs(steps: int, batch_size: int, dataset: str) -> float:
 
 
 def arcface_torch(config: ml_collections.ConfigDict) -> None:
-  """insightface arcface_torch's training settings (its configs/base.py and the MS1MV2 /
-  Glint360K recipes): global batch 1024 (128 × 8 GPUs), SGD lr 0.1, weight decay 1e-4 on every
-  parameter, 20 epochs, polynomial decay (power 2), mixed-precision backbone."""
+  """insightface arcface_torch's training step (train_v2.py, configs/base.py, ms1mv2_r50.py;
+  docs/parity.md shows ours following theirs): global batch 1024 (128 × 8 GPUs); SGD lr 0.1,
+  momentum 0.9, weight decay 5e-4 on every trained parameter (class centres included);
+  the backbone's gradient clipped to norm 5; polynomial decay with power 1 from step 1 at the
+  peak lr (`PolynomialLRWarmup`); 20 epochs; PyTorch's batch-norm running variance; margins
+  with insightface's gradient (`heads/margin.py`); mixed-precision backbone (theirs fp16
+  autocast, ours bfloat16). Recipes change what their arcface_torch config changes."""
   config.model.dtype = 'bfloat16'
+  config.model.bn_running_var = 'unbiased'
+  config.head.arcface.insightface_grad = True
   config.batch_size = 1024
   config.num_epochs = 20.0
-  config.optimizer.weight_decay = 1e-4
+  config.optimizer.weight_decay = 5e-4
   config.optimizer.no_decay = ''
+  config.optimizer.grad_clip_norm = 5.0
+  config.optimizer.grad_clip_scope = 'backbone'
   config.schedule.name = 'polynomial'
+  config.schedule.power = 1.0
+  config.schedule.first_step_at_peak = True
 
 
 def use_orl(config: ml_collections.ConfigDict) -> None:

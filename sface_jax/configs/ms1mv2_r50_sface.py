@@ -1,7 +1,9 @@
 """IR-50 + SFace on MS1MV2: a = 0.9, b = 1.2, k = 80, s = 64 (Zhong et al. 2021, MS1MV2).
 
 Optimiser as zhongyy/SFace (SFace_torch/config.py, train_SFace_torch.py), which is the base
-one: SGD lr 0.1, momentum 0.9, weight decay 5e-4 except on batch-norm parameters. Schedule:
+one: SGD lr 0.1, momentum 0.9, weight decay 5e-4 except on batch-norm parameters; PyTorch's
+batch-norm running variance (backbone and centre initialisation: configs/casia_r50_sface.py
+says how they differ from zhongyy's). Schedule:
 the ArcFace paper's MS1MV2 schedule (Deng et al. 2019, §3.1): batch 512, lr ÷10 at 100 k and
 160 k iterations, stop at 180 k. bf16 backbone.
 
@@ -15,6 +17,7 @@ def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'ms1mv2')
   config.model.dtype = 'bfloat16'
+  config.model.bn_running_var = 'unbiased'
   config.head.name = 'sface'
   config.head.sface.a = 0.9
   config.head.sface.b = 1.2

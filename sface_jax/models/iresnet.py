@@ -58,23 +58,72 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, alpha * x)
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str, **kwargs) -> nn.BatchNorm:
-  """torch-equivalent BatchNorm (eps 1e-5, momentum 0.1 in torch's convention).
+BN_RUNNING_VARS = ('biased', 'unbiased')  # config.model.bn_running_var
 
-  Statistics are over the *global* batch when the batch is sharded. Under `jax.jit` with
-  the batch axis of `images` sharded over a mesh axis (NamedSharding), the code is written
-  for the global array: `mean(x, axis=(0, 1, 2))` is a reduction over an axis that lives
-  on several devices, so XLA's SPMD partitioner computes per-device partial sums and
-  inserts an all-reduce. The statistics, the normalisation and the running averages are
-  therefore those of the whole batch, with no code for it here (and `batch_stats` stay
-  replicated).
 
-  Difference from torch, for training only: torch updates `running_var` with the unbiased
-  batch variance (÷(n−1)), Flax with the biased one (÷n); at n = B·H·W this is ≤ 1/n.
+class BatchNorm(nn.Module):
+  """Batch norm over every axis but the last (channels), as torch.nn.BatchNorm1d/2d.
+
+  Training: y = (x − μ)·γ/√(σ² + ε) + β with the batch mean μ and the biased batch variance
+  σ² = mean(x²) − μ² (one pass over x, float32 whatever `dtype`, clipped at 0: Flax's
+  nn.BatchNorm's arithmetic; a two-pass mean((x − μ)²) came no closer to float64 in
+  tests/test_parity.py); the running averages move as r ← momentum·r + (1 − momentum)·s
+  with s = μ for the mean and, for the variance, s = σ² (`running_var='biased'`, Flax's
+  nn.BatchNorm) or s = σ²·n/(n − 1) ('unbiased', torch's), n the number of values each
+  statistic is over (B·H·W). Evaluation normalises with the running averages. Flax's
+  nn.BatchNorm offers only the biased update.
+
+  Statistics are over the *global* batch when the batch is sharded: under `jax.jit` with the
+  batch axis sharded over a mesh axis, `mean(x, axis=(0, 1, 2))` reduces over an axis that
+  lives on several devices, so XLA's SPMD partitioner computes per-device partial sums and
+  inserts an all-reduce, with no code for it here (and `batch_stats` stay replicated).
+
+  Variables are named as nn.BatchNorm's (params `scale`, `bias`; batch_stats `mean`, `var`,
+  float32), which checkpoints, `tools/import_torch.py` and `tools/export.py` read.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-                      name=name, **kwargs)
+  use_running_average: bool
+  running_var: str = 'biased'
+  dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  use_bias: bool = True
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.running_var not in BN_RUNNING_VARS:
+      raise ValueError(f'config.model.bn_running_var={self.running_var!r}: choose one of '
+                       f'{BN_RUNNING_VARS}')
+    features = x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    x = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      mean = jnp.mean(x, axes)
+      var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        count = x.size // features
+        sample_var = var * (count / max(count - 1, 1)) if self.running_var == 'unbiased' else var
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * sample_var
+    multiplier = jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      multiplier = multiplier * self.param('scale', nn.initializers.ones, (features,),
+                                           jnp.float32)
+    y = (x - mean) * multiplier
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, dtype: Dtype, name: str, running_var: str = 'biased',
+               **kwargs) -> BatchNorm:
+  """torch's BatchNorm (eps 1e-5, momentum 0.1) in training or evaluation mode."""
+  return BatchNorm(use_running_average=not train, running_var=running_var, dtype=dtype,
+                   name=name, **kwargs)
 
 
 class EmbeddingBatchNorm(nn.Module):
@@ -88,10 +137,13 @@ class EmbeddingBatchNorm(nn.Module):
   through `stop_gradient`, so its gradient is zero and it never moves (our no-decay regex
   matches `scale`, so weight decay does not touch it either).
   """
+  bn_running_var: str = 'biased'
+
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     features = x.shape[-1]
-    x = batch_norm(train, jnp.float32, 'stats', use_scale=False, use_bias=False)(x)
+    x = batch_norm(train, jnp.float32, 'stats', self.bn_running_var, use_scale=False,
+                   use_bias=False)(x)
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     return x * jax.lax.stop_gradient(scale) + bias
@@ -116,11 +168,13 @@ class IBasicBlock(nn.Module):
   width: int
   stride: int
   dtype: Dtype = jnp.float32
+  bn_running_var: str = 'biased'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     conv = functools.partial(bias_free_conv, dtype=self.dtype)
-    norm = functools.partial(batch_norm, train, self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype,
+                             running_var=self.bn_running_var)
     y = norm('bn1')(x)
     y = conv(self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv1')(y)
     y = norm('bn2')(y)
@@ -141,6 +195,7 @@ class IResNet(nn.Module):
   images: (B, H, W, 3) float, normalised (x − 127.5) / 128, H = W divisible by 16.
   embeddings: float32 (B, embedding_dim), not L2-normalised; norms: float32 (B,).
   Variables: `params`, `batch_stats`; the `dropout` RNG when training with dropout > 0.
+  bn_running_var: 'biased' | 'unbiased', the running-variance update (`BatchNorm`).
   """
   stage_sizes: Sequence[int]
   stage_widths: Sequence[int] = (64, 128, 256, 512)
@@ -148,6 +203,7 @@ class IResNet(nn.Module):
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  bn_running_var: str = 'biased'
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Tuple[Array, Array]:
@@ -155,7 +211,7 @@ class IResNet(nn.Module):
       raise ValueError(f'stage_sizes {self.stage_sizes} and stage_widths '
                        f'{self.stage_widths} differ in length')
     check_images(images, 2 ** len(self.stage_sizes))
-    norm = functools.partial(batch_norm, train, self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype, running_var=self.bn_running_var)
     x = images.astype(self.dtype)
     x = bias_free_conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)),
                        dtype=self.dtype, name='conv1')(x)
@@ -163,7 +219,7 @@ class IResNet(nn.Module):
     x = PReLU(self.dtype, name='prelu')(x)
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       for block in range(num_blocks):
-        x = IBasicBlock(width, 2 if block == 0 else 1, self.dtype,
+        x = IBasicBlock(width, 2 if block == 0 else 1, self.dtype, self.bn_running_var,
                         name=f'layer{stage + 1}_{block}')(x, train)
     x = norm('bn2')(x)
     # Flattened in (H, W, C) order; torch flattens (C, H, W): import_torch permutes fc.
@@ -171,7 +227,7 @@ class IResNet(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                  name='fc')(x)
-    x = EmbeddingBatchNorm(name='features')(x, train)
+    x = EmbeddingBatchNorm(self.bn_running_var, name='features')(x, train)
     return embedding_outputs(x)
 
 

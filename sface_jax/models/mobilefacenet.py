@@ -270,6 +270,7 @@ class ConvBN(nn.Module):
   activation: bool = True
   dtype: Dtype = jnp.float32
   grouped_conv: str = 'auto'
+  bn_running_var: str = 'biased'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -287,7 +288,7 @@ class ConvBN(nn.Module):
     else:
       x = GroupedConv(self.features, self.kernel, self.stride, padding, self.groups,
                       self.grouped_conv, self.dtype, name='conv')(x)
-    x = batch_norm(train, self.dtype, 'bn')(x)
+    x = batch_norm(train, self.dtype, 'bn', self.bn_running_var)(x)
     if self.activation:
       x = PReLU(self.dtype, name='prelu')(x)
     return x
@@ -301,10 +302,12 @@ class DepthWise(nn.Module):
   residual: bool = False
   dtype: Dtype = jnp.float32
   grouped_conv: str = 'auto'
+  bn_running_var: str = 'biased'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = functools.partial(ConvBN, dtype=self.dtype, grouped_conv=self.grouped_conv)
+    conv = functools.partial(ConvBN, dtype=self.dtype, grouped_conv=self.grouped_conv,
+                             bn_running_var=self.bn_running_var)
     y = conv(self.expanded, name='expand')(x, train)
     y = conv(self.expanded, 3, self.stride, groups=self.expanded, name='depthwise')(y, train)
     y = conv(self.features, activation=False, name='project')(y, train)
@@ -331,6 +334,7 @@ class MobileFaceNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   grouped_conv: str = 'auto'  # 'auto' | 'taps' | 'xla': see the module docstring.
+  bn_running_var: str = 'biased'  # 'biased' | 'unbiased': iresnet.BatchNorm
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Tuple[Array, Array]:
@@ -340,8 +344,10 @@ class MobileFaceNet(nn.Module):
                        f'down/residual expansions, got {self.stage_sizes}, {self.stage_widths}, '
                        f'{self.down_expansions}, {self.residual_expansions}')
     check_images(images, 16)
-    conv = functools.partial(ConvBN, dtype=self.dtype, grouped_conv=self.grouped_conv)
-    block = functools.partial(DepthWise, dtype=self.dtype, grouped_conv=self.grouped_conv)
+    layers = dict(dtype=self.dtype, grouped_conv=self.grouped_conv,
+                  bn_running_var=self.bn_running_var)
+    conv = functools.partial(ConvBN, **layers)
+    block = functools.partial(DepthWise, **layers)
     x = images.astype(self.dtype)
     x = conv(self.stage_widths[0], 3, 2, name='stem')(x, train)
     x = conv(self.stage_widths[0], 3, 1, groups=self.stem_groups, name='stem_dw')(x, train)
@@ -361,5 +367,5 @@ class MobileFaceNet(nn.Module):
     x = nn.Dense(self.embedding_dim, use_bias=False, dtype=jnp.float32,
                  param_dtype=jnp.float32, name='fc')(x)
     # arcface_torch's mbf ends in a plain (learnable) BatchNorm1d, unlike IResNet.
-    x = batch_norm(train, jnp.float32, 'features')(x)
+    x = batch_norm(train, jnp.float32, 'features', self.bn_running_var)(x)
     return embedding_outputs(x)
