@@ -77,6 +77,14 @@ def partition_spec(name: str, ndim: int) -> P:
   return P()
 
 
+def class_axis(name: str, ndim: int) -> int | None:
+  """The class axis of the leaf at path `name` (the axis the rules split), or None: the
+  leaves whose length there is the padded class count C' and so depends on the device count
+  (`sface_jax.checkpoint` re-pads them on restore)."""
+  spec = tuple(partition_spec(name, ndim))
+  return spec.index(AXIS) if AXIS in spec else None
+
+
 def tree_specs(tree: Any, prefix: str = '') -> Any:
   """PartitionSpecs for every leaf of `tree` by the rules; `prefix` is the path above it."""
   return jax.tree_util.tree_map_with_path(
