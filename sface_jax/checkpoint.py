@@ -18,9 +18,12 @@ optimiser state, the softmax bias, center-loss centres: the leaves `sharding.cla
 names) are saved as trained, C' = C padded to a multiple of the writer's device count; a
 restore pads or truncates them along the class axis to this run's C' (orbax's `strict=False`
 restore: added columns are zeros, dropped ones are padding, which no loss, metric or gradient
-reads, so it stays exactly zero in training). Insightface's arcface_torch cannot do this: each
-rank saves its own slice of the class centres and its optimiser state
-(`checkpoint_gpu_<rank>.pt`), so it resumes only on as many GPUs as wrote them.
+reads, so it stays exactly zero in training). The run then goes on as one on the new device
+count would: the float32 sums come in another order (round-off), and Partial FC draws its
+negative centres per device, so its draw differs from the old count's. Insightface's
+arcface_torch cannot do this: each rank saves its own slice of the class centres and its
+optimiser state (`checkpoint_gpu_<rank>.pt`), so it resumes only on as many GPUs as wrote
+them.
 
 Weights from elsewhere (`python -m sface_jax.tools.import_torch`) are written as a work
 directory too, whose one checkpoint holds only `params/backbone` and `batch_stats`: every

@@ -9,7 +9,9 @@ The layout is insightface's model parallelism, for any number of devices and hos
   global batch-norm statistics (the axis is `Auto`).
 - The class-centre matrix (D, C') is split by class, C'/n columns per device, C' = C padded
   to a multiple of n (`padded_num_classes`); so are its optimiser state, the softmax bias and
-  center-loss centres (C', D): `PARTITION_RULES` match them by name.
+  center-loss centres (C', D): `PARTITION_RULES` match them by name. Their class axis
+  (`class_axis`) is the one a checkpoint restore pads or truncates when a run moves to
+  another device count (`sface_jax.checkpoint`).
 - The head runs under `jax.shard_map` (`shard_head`), so its communication is what the code
   says: each device all-gathers the embeddings and labels (B × D), scores them against its
   own classes (B × C'/n), and the losses reduce over the class axis with psum/pmax
