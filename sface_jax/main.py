@@ -7,12 +7,19 @@ Any config field can be overridden: `--config.head.name=cosface --config.batch_s
 `sface_jax/configs/base.py` declares every field with its default. On several hosts (a TPU
 pod slice, multi-node GPUs) add `--multihost`: every host runs the same command and
 `jax.distributed.initialize()` finds the others (TPU pods, SLURM, Open MPI); elsewhere name
-them: `--multihost --coordinator=host0:1234 --num_processes=2 --process_id=<0 or 1>`.
+them: `--multihost --coordinator=host0:1234 --num_processes=2 --process_id=<0 or 1>`; a process
+that is missing or given an id twice stops them all within `--initialization_timeout` seconds,
+saying which ids came (`sface_jax.multihost`).
 
 Flags are absl's, spelled with underscores (`--num_processes`), as the `--config.<field>`
 overrides of ml_collections are. A mistake in what was asked (an unknown recipe, field, head
 or model, a value of the wrong type, a missing dataset) is one line on stderr and exit
 status 2, found before any data is converted; anything else keeps its traceback.
+
+Exit status: 0 when training finished; 2 for a mistake in the command (above) or a resume
+whose config does not fit the work directory (one line, nothing written); 1 for a multi-host
+start-up that failed; 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM) when a
+signal stopped training after saving a checkpoint: rerun the same command.
 """
 
 import os
@@ -34,6 +41,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from sface_jax import configs
+from sface_jax import multihost
 
 PROG = 'python -m sface_jax.main'
 USAGE_ERROR = 2  # exit status of a mistake in the command, as argparse's
@@ -52,14 +60,18 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None, 'With --multihost where 
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator: how many '
                                       'processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator: 0 .. n-1.')
+_INITIALIZATION_TIMEOUT = flags.DEFINE_float(
+    'initialization_timeout', 120.0, 'With --multihost: seconds for every process to start '
+    'and find the others before all stop, saying which are missing.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that report a mistake in the command or its inputs, each naming the field or
   file: printed as one line, exit status 2. Any other exception keeps its traceback."""
+  from sface_jax import checkpoint
   from sface_jax.data import images, pair_sets, recordio, sources
-  return (configs.ConfigError, FileNotFoundError, images.ImageError, pair_sets.PairSetError,
+  return (configs.ConfigError, checkpoint.ConfigMismatchError, FileNotFoundError, images.ImageError, pair_sets.PairSetError,
           recordio.RecordIOError, sources.SourceError)
 
 
@@ -146,15 +158,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     if _MULTIHOST.value:
-      import jax
-      # CPU hosts (tests, CPU clusters) need a collectives backend; GPUs and TPUs ignore this.
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout=_INITIALIZATION_TIMEOUT.value)
     configs.validate(_CONFIG.value)
     from sface_jax import train  # TensorFlow (tf.data) loads here, after the checks
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.Interrupted as e:  # a checkpoint of the step reached is on disk
+      print(e, flush=True)
+      sys.exit(128 + e.signum)
   except _user_errors() as e:
     _fail(e)
+  except multihost.StartupError as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -14,6 +14,11 @@ allocated; on a CPU the devices are forced host devices), and reads:
   temporaries (activations, gradients, the head's B × C'/n logits). Temporaries depend on the
   backend's fusion decisions: a CPU compile approximates a GPU/TPU one (the same partitioning,
   other kernels), good for orders of magnitude and for comparing layouts;
+- per device, the same for the state's creation (`jax.jit(create_train_state,
+  out_shardings=…)`, what training runs first): its outputs (the whole state) plus its
+  temporaries (the random class centres before padding, ...) can exceed the step's peak
+  (under Partial FC, whose step touches a fraction of the centres), so the estimated peak is
+  the larger of the two, and both are reported;
 - per step, from the compiled HLO: the bytes each collective (all-reduce, all-gather,
   reduce-scatter, all-to-all, collective-permute) produces on one device.
 
@@ -74,13 +79,24 @@ class Plan:
   argument_bytes: int  # from memory_analysis: the train state and the batch
   output_bytes: int
   temp_bytes: int
+  init_output_bytes: int  # from memory_analysis of the state's creation: the state
+  init_temp_bytes: int
   collective_bytes: dict
   compile_seconds: float
 
   @property
-  def peak_estimate_bytes(self) -> int:
+  def step_peak_bytes(self) -> int:
     """Arguments + temporaries: with the state donated, outputs reuse the arguments."""
     return self.argument_bytes + self.temp_bytes
+
+  @property
+  def init_peak_bytes(self) -> int:
+    """The new state + the temporaries that make it (creation takes no arguments)."""
+    return self.init_output_bytes + self.init_temp_bytes
+
+  @property
+  def peak_estimate_bytes(self) -> int:
+    return max(self.step_peak_bytes, self.init_peak_bytes)
 
 
 def _shard_bytes(tree, shardings) -> int:
@@ -103,8 +119,8 @@ def make_plan(config, *, num_classes: int) -> Plan:
   mesh = sharding.make_mesh()
   setup = step_lib.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
                               total_steps=10_000, mesh=mesh)
-  abstract_state = jax.eval_shape(
-      functools.partial(step_lib.create_train_state, config.seed, setup))
+  init_fn = functools.partial(step_lib.create_train_state, config.seed, setup)
+  abstract_state = jax.eval_shape(init_fn)
   shardings = sharding.tree_shardings(mesh, abstract_state)
   batch_sharding = sharding.batch_sharding(mesh)
   size = config.data.image_size
@@ -118,6 +134,7 @@ def make_plan(config, *, num_classes: int) -> Plan:
   step = step_lib.jit_train_step(setup, shardings, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
+  init_memory = jax.jit(init_fn, out_shardings=shardings).lower().compile().memory_analysis()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   params = abstract_state.params
@@ -132,6 +149,8 @@ def make_plan(config, *, num_classes: int) -> Plan:
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes),
+      init_output_bytes=int(init_memory.output_size_in_bytes),
+      init_temp_bytes=int(init_memory.temp_size_in_bytes),
       collective_bytes=collective_bytes(compiled.as_text()),
       compile_seconds=seconds)
 
@@ -152,7 +171,9 @@ def format_plan(plan: Plan) -> str:
       f'  optimiser state                   {_gb(plan.optimizer_bytes)}',
       f'  step arguments (state + batch)    {_gb(plan.argument_bytes)}',
       f'  step temporaries                  {_gb(plan.temp_bytes)}',
-      f'  estimated peak                    {_gb(plan.peak_estimate_bytes)}',
+      f'  step peak (arguments + temps)     {_gb(plan.step_peak_bytes)}',
+      f'  state creation peak (+ temps)     {_gb(plan.init_peak_bytes)}',
+      f'  estimated peak (the larger)       {_gb(plan.peak_estimate_bytes)}',
       'collectives per step, per device:',
   ]
   lines += [f'  {name:<32s}  {_gb(value)}'
@@ -224,7 +245,8 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   if args.json:
-    print(json.dumps({**dataclasses.asdict(plan),
+    print(json.dumps({**dataclasses.asdict(plan), 'step_peak_bytes': plan.step_peak_bytes,
+                      'init_peak_bytes': plan.init_peak_bytes,
                       'peak_estimate_bytes': plan.peak_estimate_bytes}))
   else:
     print(format_plan(plan))

@@ -9,7 +9,9 @@ The layout is insightface's model parallelism, for any number of devices and hos
   global batch-norm statistics (the axis is `Auto`).
 - The class-centre matrix (D, C') is split by class, C'/n columns per device, C' = C padded
   to a multiple of n (`padded_num_classes`); so are its optimiser state, the softmax bias and
-  center-loss centres (C', D): `PARTITION_RULES` match them by name.
+  center-loss centres (C', D): `PARTITION_RULES` match them by name. Their class axis
+  (`class_axis`) is the one a checkpoint restore pads or truncates when a run moves to
+  another device count (`sface_jax.checkpoint`).
 - The head runs under `jax.shard_map` (`shard_head`), so its communication is what the code
   says: each device all-gathers the embeddings and labels (B × D), scores them against its
   own classes (B × C'/n), and the losses reduce over the class axis with psum/pmax
@@ -75,6 +77,14 @@ def partition_spec(name: str, ndim: int) -> P:
     if re.fullmatch(pattern, name) and len(spec) == ndim:
       return spec
   return P()
+
+
+def class_axis(name: str, ndim: int) -> int | None:
+  """The class axis of the leaf at path `name` (the axis the rules split), or None: the
+  leaves whose length there is the padded class count C' and so depends on the device count
+  (`sface_jax.checkpoint` re-pads them on restore)."""
+  spec = tuple(partition_spec(name, ndim))
+  return spec.index(AXIS) if AXIS in spec else None
 
 
 def tree_specs(tree: Any, prefix: str = '') -> Any:

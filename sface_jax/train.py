@@ -1,14 +1,16 @@
 """`train_and_evaluate(config, workdir)`: the one training loop.
 
-Read top to bottom: the dataset (converted on first use) → mesh → model, head, optimiser →
-the train state, created already sharded (`jax.eval_shape` → shardings → `jax.jit(init,
-out_shardings=…)`) or restored from the newest checkpoint → the jitted `train_step` → the loop
-(progress, metrics, evaluation, checkpoints, NaN guard, SIGTERM). The step itself lives in
-`sface_jax.step`.
+Read top to bottom: a resume's config checked against the stored one (before anything is
+written) → the dataset (converted on first use) → mesh → model, head, optimiser → the train
+state, created already sharded (`jax.eval_shape` → shardings → `jax.jit(init,
+out_shardings=…)`) or restored from the newest checkpoint (on any device count) → the jitted
+`train_step` → the loop (progress, metrics, evaluation, checkpoints, NaN guard, SIGTERM and
+Ctrl-C). The step itself lives in `sface_jax.step`.
 """
 
 import functools
 import signal
+import sys
 import time
 from typing import Any
 
@@ -31,26 +33,46 @@ from sface_jax.evaluation import report
 PROGRESS_SECONDS = 10.0  # a progress line at least this often, besides every log step
 
 
-class _Preemption:
-  """Turns SIGTERM (what preemptible TPU VMs send) into a checkpoint and a clean exit."""
+class Interrupted(Exception):
+  """Training stopped early on a signal, after saving a checkpoint at the step it reached."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _Interrupts:
+  """SIGTERM (what preemptible TPU VMs send) and SIGINT (Ctrl-C) end the current step, save a
+  checkpoint there and stop (`Interrupted`); a second SIGINT stops at once, without saving
+  (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.received: int | None = None
+    self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
-    self.requested = True
+    del frame
+    if self.received is not None:
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      return
+    self.received = signum
+    again = ' (Ctrl-C again to quit at once, without saving)' if signum == signal.SIGINT else ''
+    print(f'{signal.Signals(signum).name} received: saving a checkpoint at the end of this '
+          f'step and stopping{again}.', file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:  # every host must stop at the same step
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+      return (self.received is not None
+              or multihost_utils.reached_preemption_sync_point(step))
+    return self.received is not None
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the last verification results (set name → metrics), or {} without eval sets.
   """
+  config_changes = checkpoint.check_resume(config, workdir)  # raises before any write
   info = _prepare_data(config, workdir)
   steps_per_epoch = max(info.num_examples // config.batch_size, 1)
   total_steps = (config.num_steps if config.num_steps > 0
@@ -95,13 +118,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   setup = step_lib.make_setup(config, num_classes=info.num_classes,
                               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                               mesh=mesh)
-  checkpoint.save_config(config, workdir)
-
   init_fn = functools.partial(step_lib.create_train_state, config.seed, setup)
   abstract_state = jax.eval_shape(init_fn)
   state_shardings = sharding.tree_shardings(mesh, abstract_state)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = checkpointer.latest_step()
+  if start_step is not None:
+    checkpointer.check_fits(start_step, abstract_state, info.num_classes)
+  checkpoint.save_config(config, workdir)
   meta = {}
   if start_step is None:
     state = jax.jit(init_fn, out_shardings=state_shardings)()
@@ -113,6 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = checkpointer.restore(start_step, abstract)
     logging.info('Resumed from %s/%d', checkpointer.directory, start_step)
     print(f'Resuming from step {start_step} ({checkpointer.directory}/{start_step})')
+    if config_changes:
+      print(f'Config changes since the last run: {"; ".join(config_changes)}')
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = step_lib.jit_train_step(setup, state_shardings, mesh)
@@ -135,13 +161,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'({total_steps / steps_per_epoch:.1f} epochs) on {mesh.size} device(s), '
         f'{setup.padded_classes // mesh.size} class centres each{sampled}')
 
+  if start_step >= total_steps:
+    print(f'{checkpointer.directory}/{start_step} is at or past the last step, {total_steps}: '
+          'nothing to train (raise --config.num_steps to go on)')
   if evaluator is not None:  # highest accuracies survive restarts, in the checkpoint
     evaluator.highest_accuracy.update(meta.get('highest_accuracy', {}))
   last_good = start_step if start_step else None
   results: dict[str, Any] = {}
   clock = progress.Progress(total_steps, start_step)
   last_print = time.perf_counter()
-  preemption = _Preemption()
+  interrupts = _Interrupts()
+  stop_at_once = False
   step = start_step
   try:
     while step < total_steps:
@@ -157,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save_due = last or step % config.checkpoint_every_steps == 0
       log_due = (step % config.log_every_steps == 0 or last
                  or time.perf_counter() - last_print >= PROGRESS_SECONDS)
-      preempted = preemption.reached(step)
+      preempted = interrupts.reached(step)
       if not (log_due or eval_due or save_due or preempted):
         continue
       host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -191,16 +221,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             'num_classes': info.num_classes, 'total_steps': total_steps})
         last_good = step
       if preempted:
-        print(f'Stopped at step {step} on SIGTERM; rerun the same command to resume.')
         break
       if eval_due or save_due:  # the next rate covers training steps only
         clock.restart(step)
     if results and step == total_steps and jax.process_index() == 0:
       report.write_report(results, workdir, step=step)
       print(report.format_table(results))
+  except KeyboardInterrupt:  # a second Ctrl-C: out now, not waiting for a save in progress
+    stop_at_once = True
+    raise
   finally:
-    checkpointer.wait()
-    checkpointer.close()
+    if not stop_at_once:
+      checkpointer.wait()
+      checkpointer.close()
     writer.flush()
-    preemption.restore()
+    interrupts.restore()
+  if interrupts.received is not None and step < total_steps:
+    raise Interrupted(interrupts.received,
+                      f'Stopped at step {step} on {signal.Signals(interrupts.received).name} '
+                      f'(checkpoint {checkpointer.directory}/{step}); rerun the same command '
+                      'to resume.')
   return results

@@ -269,6 +269,11 @@ def test_partition_rules_split_the_class_axis():
   # The optimiser's momentum for the centres lives under another prefix: same rule.
   assert sharding.partition_spec('opt_state/0/inner_state/1/0/trace/classifier/class_centers',
                                  2) == P(None, axis)
+  # The class axes a restore re-pads for another device count (sface_jax.checkpoint).
+  assert sharding.class_axis('opt_state/0/trace/classifier/class_centers', 2) == 1
+  assert sharding.class_axis('params/classifier/bias', 1) == 0
+  assert sharding.class_axis('head_state/centers', 2) == 0
+  assert sharding.class_axis('params/backbone/fc/bias', 1) is None
 
 
 def test_padded_num_classes():
@@ -331,7 +336,9 @@ def test_more_devices_than_classes_fails():
 def test_planner_reports_the_split_layout():
   """`python -m sface_jax.plan` on 8 forced devices: the centre bytes per device are
   D × C/8 × 4, and the head's collectives are exactly the embedding and label all-gather
-  (B × D + B values) and the embedding-gradient reduce-scatter (B/8 × D)."""
+  (B × D + B values) and the embedding-gradient reduce-scatter (B/8 × D). The estimated
+  peak is the larger of the step's and the state creation's, which under Partial FC here is
+  the creation's (it holds the whole new state beside the random centres it pads)."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
   result = subprocess.run(
       [sys.executable, '-m', 'sface_jax.plan', '--config', 'base:runlocal',
@@ -346,7 +353,12 @@ def test_planner_reports_the_split_layout():
   assert plan['collective_bytes']['all-gather'] == batch * dim * 4 + batch * 4
   assert plan['collective_bytes']['reduce-scatter'] == batch // DEVICES * dim * 4
   assert plan['collective_bytes']['all-to-all'] == 0
-  assert plan['peak_estimate_bytes'] >= plan['argument_bytes'] > plan['class_center_bytes']
+  assert plan['step_peak_bytes'] == plan['argument_bytes'] + plan['temp_bytes']
+  assert plan['init_peak_bytes'] == plan['init_output_bytes'] + plan['init_temp_bytes']
+  assert plan['init_output_bytes'] >= plan['optimizer_bytes'] + plan['class_center_bytes']
+  assert plan['peak_estimate_bytes'] == max(plan['step_peak_bytes'], plan['init_peak_bytes'])
+  assert plan['init_peak_bytes'] > plan['step_peak_bytes']
+  assert plan['argument_bytes'] > plan['class_center_bytes']
 
 
 def test_planner_rejects_a_layout_that_cannot_work():

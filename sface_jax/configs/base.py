@@ -187,6 +187,11 @@ def defaults() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
+  # Resuming a work directory whose config.json differs in a field that changes what the run
+  # computes (model, head, optimiser, schedule, batch, data, seed) is refused unless this is
+  # True; the run's length, logging, evaluation and checkpoint cadence may always change
+  # (sface_jax.checkpoint.check_resume lists the fields).
+  config.allow_config_change = False
   return config
 
 
