@@ -144,9 +144,11 @@ def random_batch(batch: int, image_size: int, num_classes: int, seed: int = 1):
 class JaxStep:
   """Our jitted train step on every device of `device`'s kind, with its state."""
 
-  def __init__(self, config, num_classes: int, device: str, compiler_options=None):
+  def __init__(self, config, num_classes: int, device: str, compiler_options=None,
+               custom_calls_on: bool = True):
     # {}: XLA as it comes, its own options and operations (no oneDNN calls, no kernels of ours)
-    self.tracing = custom_calls.disabled if compiler_options == {} else contextlib.nullcontext
+    self.tracing = (custom_calls.disabled if compiler_options == {} or not custom_calls_on
+                    else contextlib.nullcontext)
     self.mesh = sharding.make_mesh(jax.devices(device))
     self.setup = step_lib.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
                                      total_steps=1_000_000, mesh=self.mesh)
@@ -338,6 +340,8 @@ def main() -> None:
   parser.add_argument('--breakdown', action='store_true')
   parser.add_argument('--xla-defaults', action='store_true',
                       help="also time our step compiled with XLA's own options, alternated")
+  parser.add_argument('--without-custom-calls', action='store_true',
+                      help='also time our step with our compiler options but no custom calls')
   parser.add_argument('--data', default='', help='converted TFRecords to feed the step from')
   parser.add_argument('--profile', default='',
                       help='write a JAX trace of a window and the compiled step under this '
@@ -389,6 +393,10 @@ def main() -> None:
           defaults = JaxStep(config, args.num_classes, args.device, compiler_options={})
           defaults_batch = defaults.put(batch)
           windows['XLA defaults'] = defaults.window(lambda: defaults_batch, args.steps)
+        if args.without_custom_calls:
+          plain = JaxStep(config, args.num_classes, args.device, custom_calls_on=False)
+          plain_batch = plain.put(batch)
+          windows['no custom calls'] = plain.window(lambda: plain_batch, args.steps)
         faults = {name: [] for name in windows}
         counted = {name: counting_faults(window, faults[name])
                    for name, window in windows.items()}
@@ -400,6 +408,11 @@ def main() -> None:
         theirs = batch_size * args.steps / seconds['torch'] if 'torch' in seconds else None
         row = (f'| {model_name} | {head} | {batch_size} | {ours:.1f} | '
                + ('— | — |' if theirs is None else f'{theirs:.1f} | {ours / theirs:.2f} |'))
+        if args.without_custom_calls:
+          plain_rate = batch_size * args.steps / seconds['no custom calls']
+          row += (f' no custom calls {plain_rate:.1f} | /PyTorch '
+                  + ('—' if theirs is None else f'{plain_rate / theirs:.2f}') + ' |')
+          del plain
         if args.xla_defaults:
           before = batch_size * args.steps / seconds['XLA defaults']
           row += f' {before:.1f} | {ours / before:.2f} |'
