@@ -225,7 +225,6 @@ def write_savedmodel(model, variables, image_size: int, path: str, metadata: dic
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
-  from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top
 
   def serve(variables, pixels):
     return model.apply(variables, images_lib.normalize(pixels), train=False)[0]
@@ -243,9 +242,8 @@ def write_savedmodel(model, variables, image_size: int, path: str, metadata: dic
     return {OUTPUT_NAME: converted(module.weights, images)}
 
   module.serving_default = serving_default
-  # TensorFlow runs the module with its own XLA: neither our CPU custom calls nor StableHLO
-  # newer than that XLA reads.
-  with custom_calls.disabled(), _stablehlo_readable_by(_tensorflow_stablehlo_version()):
+  # TensorFlow runs the module with its own XLA: no StableHLO newer than that XLA reads.
+  with _stablehlo_readable_by(_tensorflow_stablehlo_version()):
     tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
   os.makedirs(os.path.join(path, 'assets.extra'), exist_ok=True)
   with open(os.path.join(path, METADATA_FILE), 'w') as f:
