@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sface_jax import checkpoint
+from sface_jax import compilation_cache
 from sface_jax import sharding
 from sface_jax.data import pair_sets
 from sface_jax.evaluation import embedding
@@ -82,6 +83,7 @@ def _parse_args(argv):
   parser.add_argument('--output-dir', default=None,
                       help='where eval/verification.json and eval/roc.png go '
                            '(default: the work directory)')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

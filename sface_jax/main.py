@@ -37,6 +37,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sface_jax import compilation_cache
 from sface_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training recipe (a configs/*.py).',
@@ -49,6 +50,7 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None, 'With --multihost where 
                                    'is not detected: host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator: 0 .. n-1.')
+compilation_cache.define_absl_flags()  # --compilation_cache_dir, --nocompilation_cache
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -30,6 +30,8 @@ import re
 import sys
 import time
 
+from sface_jax import compilation_cache
+
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2,
                 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
@@ -181,6 +183,7 @@ def _parse_args(argv):
   parser.add_argument('--model', default=None)
   parser.add_argument('--dtype', default=None, help='float32 | bfloat16')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

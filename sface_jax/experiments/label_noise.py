@@ -97,6 +97,7 @@ from typing import Any
 
 import numpy as np
 
+from sface_jax import compilation_cache
 from sface_jax import files
 from sface_jax import progress
 
@@ -734,6 +735,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--sface-b', type=float, default=None)
   parser.add_argument('--docs', default='', help='also copy the table and plots here')
   parser.add_argument('--keep-checkpoints', action='store_true')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

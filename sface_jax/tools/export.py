@@ -76,6 +76,8 @@ from typing import Any
 
 import numpy as np
 
+from sface_jax import compilation_cache
+
 FORMATS = ('savedmodel', 'onnx')
 METADATA_FILE = os.path.join('assets.extra', 'sface_export.json')
 INPUT_NAME = 'images'
@@ -572,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='SavedModel: platforms to lower for (cpu, cuda, tpu)')
   parser.add_argument('--model', default=None,
                       help='architecture to load the weights into (default: the trained one)')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   args = parser.parse_args(argv)
   try:
     pixels = None
