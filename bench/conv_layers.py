@@ -15,16 +15,14 @@ the depthwise 3×3s and the 7×7 GDC), each timed as three jitted JAX calls (y, 
 through `jax.vjp`) and the three matching PyTorch calls (`F.conv2d`,
 `aten.convolution_backward` for the input and for the weight), then summed with each
 shape's multiplicity in the network. Every convolution runs as the model runs it on the CPU:
-IR-50's through `onednn.conv` (oneDNN's forward convolution, our compiled kernel gradient),
-MobileFaceNet's 1×1 as matmuls (`pointwise_as_matmul`), its grouped ones as
-`mobilefacenet.grouped_conv_taps` (oneDNN's depthwise forward, our kernel gradient);
-`--xla-defaults` runs XLA's own options and operations instead. Best of
+IR-50's as XLA's convolution, MobileFaceNet's 1×1 as matmuls (`pointwise_as_matmul`), its
+grouped ones as `mobilefacenet.grouped_conv_taps`; `--xla-defaults` compiles them with XLA's
+own options instead of `sface_jax.xla_options`. Best of
 `--repeats` after one untimed call; JAX and PyTorch run in the same process on the same
 threads.
 """
 
 import argparse
-import contextlib
 import functools
 import os
 import pathlib
@@ -38,9 +36,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from sface_jax import xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax.models import mobilefacenet  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sface_jax.models import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # (input side, C_in, C_out, kernel, stride, groups, how many times the model has it); the
 # padding is kernel // 2, except for the GDC (a 7×7 kernel over the 7×7 map, no padding).
@@ -64,8 +60,9 @@ CONVOLUTIONS = {
         (7, 256, 512, 1, 1, 1, 1), (7, 512, 512, 7, 1, 512, 1),  # conv_sep, GDC
     ],
 }
-# What each model passes nn.Conv as its `conv_general_dilated` (oneDNN calls where available).
-DENSE_CONVOLUTION = {'r50': onednn.conv, 'mbf': mobilefacenet.pointwise_as_matmul}
+# What each model passes nn.Conv as its `conv_general_dilated`.
+DENSE_CONVOLUTION = {'r50': jax.lax.conv_general_dilated,
+                     'mbf': mobilefacenet.pointwise_as_matmul}
 PASSES = ('forward', 'input grad', 'kernel grad')
 
 
@@ -121,15 +118,13 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument('--xla-defaults', action='store_true',
-                      help="XLA as it comes: its own options instead of sface_jax.xla_options, "
-                           'its own operations instead of our custom calls')
+                      help="XLA as it comes: its own options instead of sface_jax.xla_options")
   parser.add_argument('--xla-transpose', action='store_true',
                       help="grouped convolutions: XLA's autodiff of the tap sum, not our VJP")
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   options = {} if args.xla_defaults else xla_options.compiler_options('cpu')
-  tracing = custom_calls.disabled if args.xla_defaults else contextlib.nullcontext
   print(f'jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads), '
         f'{args.model}, batch {args.batch}, compiler options {options or "XLA defaults"}; '
         f'load average {os.getloadavg()[0]:.1f}\n')
@@ -142,10 +137,9 @@ def main() -> None:
     pad = 0 if kernel == side else kernel // 2
     x = rng.normal(size=(args.batch, side, side, c_in)).astype(np.float32)
     w = (0.05 * rng.normal(size=(kernel, kernel, c_in // groups, c_out))).astype(np.float32)
-    with tracing():  # the calls trace on their first (untimed) run, inside best_ms
-      ours = [best_ms(call, args.repeats)
-              for call in jax_calls(args.model, x, w, stride, pad, groups, options,
-                                    args.xla_transpose)]
+    ours = [best_ms(call, args.repeats)
+            for call in jax_calls(args.model, x, w, stride, pad, groups, options,
+                                  args.xla_transpose)]
     theirs = [best_ms(call, args.repeats) for call in
               torch_calls(args.batch, side, c_in, c_out, kernel, stride, pad, groups)]
     totals += count * np.array([ours, theirs])

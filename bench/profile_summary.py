@@ -182,8 +182,7 @@ def op_spans(events: Iterable[dict], module: str) -> Tuple[List[Tuple[str, float
       span = pending[event['name'][5:]].popleft()
       span[2] = max(span[2], event['ts'])
     elif 'hlo_op' in args and args.get('hlo_module', module) == module:
-      # XLA:CPU's oneDNN thunk names itself instruction + call target ('x.3__onednn$convolution')
-      span = [args['hlo_op'].split('__onednn$')[0], event['ts'], event['ts'] + event['dur']]
+      span = [args['hlo_op'], event['ts'], event['ts'] + event['dur']]
       spans.append(span)
       runs.add(args.get('run_id'))
       if event['name'] == args['hlo_op']:  # a CPU thunk: an end mark may follow

@@ -36,10 +36,8 @@ a run under glibc's defaults with one under ours,
 Each row also prints every side's minor page faults per step.
 
 `--xla-defaults` adds a third side, alternated with the other two: our step as XLA runs it
-out of the box, compiled with XLA's own options instead of `sface_jax.xla_options` and with
-XLA's convolutions, dots and reductions instead of our oneDNN calls and kernels
-(`sface_jax.models.onednn`, `sface_jax.models.cpu_kernels`): the
-before/after of what we do about XLA:CPU.
+out of the box, compiled with XLA's own options instead of `sface_jax.xla_options`: the
+before/after of what the options do for XLA:CPU.
 `--breakdown` times the pieces of our step separately (backbone forward+backward alone; the
 head's loss and gradient on fixed embeddings; the optimiser update alone) next to the whole
 step, so a slow piece shows. `--data DIR` feeds our step from the real input pipeline
@@ -57,7 +55,6 @@ the two frameworks share the GPU's memory as they need it.
 """
 
 import argparse
-import contextlib
 import datetime
 import functools
 import os
@@ -82,7 +79,6 @@ from backbone import measured_bf16_peak, paired_medians  # pylint: disable=g-imp
 import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax.configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sface_jax import models, sharding, step as step_lib, xla_options  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Window = Callable[[], None]  # runs `--steps` steps and waits for the device
 
@@ -145,8 +141,7 @@ class JaxStep:
   """Our jitted train step on every device of `device`'s kind, with its state."""
 
   def __init__(self, config, num_classes: int, device: str, compiler_options=None):
-    # {}: XLA as it comes, its own options and operations (no oneDNN calls, no kernels of ours)
-    self.tracing = custom_calls.disabled if compiler_options == {} else contextlib.nullcontext
+    # compiler_options {}: XLA's own (`step.jit_train_step`)
     self.mesh = sharding.make_mesh(jax.devices(device))
     self.setup = step_lib.make_setup(config, num_classes=num_classes, steps_per_epoch=1000,
                                      total_steps=1_000_000, mesh=self.mesh)
@@ -166,9 +161,8 @@ class JaxStep:
     last step's metrics stay in `self.metrics`: a fast step that has diverged counts for
     nothing, so each row shows its loss."""
     def run():
-      with self.tracing():  # matters at the first call, which traces the step
-        for _ in range(steps):
-          self.state, self.metrics = self.step(self.state, batches())
+      for _ in range(steps):
+        self.state, self.metrics = self.step(self.state, batches())
       jax.block_until_ready((self.state, self.metrics))
     return run
 

@@ -55,6 +55,7 @@ import numpy as np
 from sface_jax import arguments
 from sface_jax import checkpoint
 from sface_jax import cli
+from sface_jax import compilation_cache
 from sface_jax import files
 from sface_jax import progress
 from sface_jax import sharding
@@ -265,6 +266,7 @@ def _parse_args(argv):
                       help="images per step; default: the run's config.eval.batch_size")
   parser.add_argument('--model', default=None,
                       help='architecture to load the weights into; default: the trained one')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from sface_jax import arguments
 from sface_jax import checkpoint
 from sface_jax import cli
+from sface_jax import compilation_cache
 from sface_jax import progress
 from sface_jax import sharding
 from sface_jax.data import pair_sets
@@ -121,6 +122,7 @@ def _parse_args(argv):
   parser.add_argument('--output-dir', default=None,
                       help='where eval/verification-step<N>.json and eval/roc-step<N>.png go; '
                            'default: the work directory')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

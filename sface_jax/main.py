@@ -40,6 +40,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sface_jax import compilation_cache
 from sface_jax import configs
 from sface_jax import multihost
 
@@ -63,6 +64,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator: 0 ..
 _INITIALIZATION_TIMEOUT = flags.DEFINE_float(
     'initialization_timeout', 120.0, 'With --multihost: seconds for every process to start '
     'and find the others before all stop, saying which are missing.')
+compilation_cache.define_absl_flags()  # --compilation_cache_dir, --nocompilation_cache
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

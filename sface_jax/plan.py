@@ -35,6 +35,7 @@ import sys
 import time
 
 from sface_jax import cli
+from sface_jax import compilation_cache
 from sface_jax import configs
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -202,6 +203,7 @@ def _parse_args(argv):
   parser.add_argument('--dtype', default=None,
                       help="float32 | bfloat16; default: the recipe's config.model.dtype")
   parser.add_argument('--json', action='store_true', help='print one JSON object')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

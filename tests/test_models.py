@@ -17,8 +17,6 @@ import multi_device
 
 from sface_jax import models
 from sface_jax import xla_options
-from sface_jax.models import custom_calls
-from sface_jax.models import onednn
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -187,36 +185,13 @@ def test_grouped_conv_taps_equals_xla_convolution(cin, cout, groups, kernel, str
   out_w = (side + sum(padding[1]) - kernel) // stride + 1
   cotangent = rng.normal(size=(2, out_h, out_w, cout)).astype(np.float32)
   expected = value_and_vjp(xla, jnp.float32)(x, w, cotangent)
-  got = value_and_vjp(taps, jnp.float32)(x, w, cotangent)  # depthwise: oneDNN's forward
-  with custom_calls.disabled():  # every forward a tap sum
-    got_taps = value_and_vjp(taps, jnp.float32)(x, w, cotangent)
+  got = value_and_vjp(taps, jnp.float32)(x, w, cotangent)
   got16 = value_and_vjp(taps, jnp.bfloat16)(x, w, cotangent)
   assert got[0].shape == (2, out_h, out_w, cout)
-  for a, a_taps, a16, b in zip(got, got_taps, got16, expected):  # output, d/dx, d/dkernel
+  for a, a16, b in zip(got, got16, expected):  # output, d/dx, d/dkernel
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(a_taps, b, rtol=1e-4, atol=1e-4)
     scale = np.max(np.abs(b))
     np.testing.assert_allclose(a16, b, atol=0.03 * scale)
-
-
-@pytest.mark.skipif(not onednn.available(), reason='oneDNN path: CPU with a tested jaxlib')
-def test_depthwise_forward_and_stride1_input_gradient_are_onednn_calls():
-  """Depthwise layers (one input channel per group): the forward pass and the stride-1 input
-  gradient are oneDNN convolutions, the kernel gradient our reduction; a grouped convolution
-  of two channels in and out per group (MobileFaceNet's stem) keeps its tap sums."""
-  from sface_jax.models import mobilefacenet  # pylint: disable=g-import-not-at-top
-
-  def onednn_calls(group_in, stride):
-    def loss(x, w):
-      return jnp.sum(mobilefacenet.grouped_conv_taps(x, w, stride, ((1, 1), (1, 1)), 8) ** 2)
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-        jnp.ones((2, 8, 8, 8 * group_in)), jnp.ones((3, 3, group_in, 8 * group_in))
-    ).compile().as_text()
-    return hlo.count('custom_call_target="__onednn$convolution"')
-
-  assert onednn_calls(1, 1) == 2
-  assert onednn_calls(1, 2) == 1  # the strided input gradient is the taps' transpose
-  assert onednn_calls(2, 1) == 0
 
 
 def test_tap_sum_is_compiled_once_not_into_each_consumer():
@@ -231,9 +206,8 @@ def test_tap_sum_is_compiled_once_not_into_each_consumer():
     y = mobilefacenet.grouped_conv_taps(x, w, 1, ((1, 1), (1, 1)), 8)
     return y - y.mean(axis=(0, 1, 2)), jnp.where(y > 0, y, 0.25 * y), jnp.exp(y)
 
-  with custom_calls.disabled():  # a depthwise forward would be oneDNN's, not a tap sum
-    compiled = jax.jit(three_consumers, compiler_options=xla_options.compiler_options('cpu')
-                      ).lower(jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 1, 8))).compile()
+  compiled = jax.jit(three_consumers, compiler_options=xla_options.compiler_options('cpu')
+                    ).lower(jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 1, 8))).compile()
   computations = re.split(r'\n(?=\S.*\{\n)', compiled.as_text())
   with_the_taps = [c for c in computations if len(re.findall(r' slice\(', c)) >= 9]
   assert 1 <= len(with_the_taps) <= 2  # the conditional's two (identical) branches

@@ -58,6 +58,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sface_jax import arguments
+from sface_jax import compilation_cache
 from sface_jax import sharding
 
 RANKS = (1, 5)
@@ -422,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--batch-size', type=arguments.positive_int, default=1024,
                       help='probes per search step')
   parser.add_argument('--json', default=None, help='also write the metrics here')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   args = parser.parse_args(argv)
   try:
     embeddings, identities = load_embeddings(args.embeddings)

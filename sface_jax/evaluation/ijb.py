@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from sface_jax import arguments
+from sface_jax import compilation_cache
 from sface_jax import files
 from sface_jax.data import ijb as ijb_data
 from sface_jax.evaluation import far_resolution
@@ -404,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='architecture to load the weights into; default: the trained one')
   parser.add_argument('--output-dir', default=None,
                       help='where eval/ijb_* go; default: the work directory')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   args = parser.parse_args(argv)
   from sface_jax import checkpoint  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top

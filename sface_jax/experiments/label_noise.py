@@ -98,6 +98,7 @@ from typing import Any
 import numpy as np
 
 from sface_jax import cli
+from sface_jax import compilation_cache
 from sface_jax import files
 from sface_jax import progress
 
@@ -734,6 +735,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--docs', default='', help='also copy the table and plots here')
   parser.add_argument('--keep-checkpoints', action='store_true',
                       help="keep each run's checkpoint (deleted once analysed otherwise)")
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   return parser.parse_args(argv)
 
 

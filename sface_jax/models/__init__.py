@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sface_jax.models import custom_calls
 from sface_jax.models import iresnet
 from sface_jax.models import mobilefacenet
 
@@ -79,8 +78,7 @@ def xla_macs(model: nn.Module, image_size: int = 112) -> float:
   variables = abstract_variables(model, image_size)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  with custom_calls.disabled():  # XLA cannot cost a custom call
-    cost = apply.lower(variables, images).compile().cost_analysis()
+  cost = apply.lower(variables, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
     cost = cost[0]
   return float(cost['flops']) / 2
@@ -98,8 +96,7 @@ def dense_macs(model: nn.Module, image_size: int = 112) -> float:
   model = _with_xla_convolutions(model)
   variables = abstract_variables(model, image_size)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  with custom_calls.disabled():  # the count reads conv_general_dilated equations
-    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
   total = 0
 
   def walk(jaxpr):

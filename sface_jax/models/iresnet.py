@@ -28,8 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sface_jax.models import onednn
-
 Array = jax.Array
 Dtype = Any
 
@@ -157,10 +155,9 @@ def embedding_outputs(embeddings: Array) -> Tuple[Array, Array]:
 
 def bias_free_conv(features: int, kernel_size: Tuple[int, int], **kwargs) -> nn.Conv:
   """arcface_torch's bias-free Conv2d: float32 parameters from N(0, 0.1²), computed in
-  `dtype`; on the CPU through oneDNN (`onednn.conv`: XLA's Eigen convolutions are where
-  our CPU step trailed PyTorch's), elsewhere XLA's own convolution."""
+  `dtype`, as XLA's own convolution on every platform."""
   return nn.Conv(features, kernel_size, use_bias=False, param_dtype=jnp.float32,
-                 kernel_init=conv_init, conv_general_dilated=onednn.conv, **kwargs)
+                 kernel_init=conv_init, **kwargs)
 
 
 class IBasicBlock(nn.Module):

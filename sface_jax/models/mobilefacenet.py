@@ -22,12 +22,12 @@ convolutions through a slow generic loop, many times slower than the same arithm
 written as nine shifted multiply-adds (`python bench/backbone.py --models mbf
 --grouped_conv taps|xla` compares the two).
 `grouped_conv='taps'` computes them as that sum of shifted slices, which XLA fuses, with a
-hand-written backward (`grouped_conv_taps`); depthwise forward passes (and their stride-1
-input gradients) go to oneDNN's depthwise kernel where `onednn` runs, faster still, and the
-kernel gradients to our compiled CPU kernel (`cpu_kernels`). 'xla' uses
-`lax.conv_general_dilated` (cuDNN and TPUs have fast depthwise kernels); 'auto' (default)
-picks 'taps' only when tracing for the CPU backend, where it was measured to help. Same result, same parameters. The 1×1 convolutions are matmuls on the CPU
-(`pointwise_as_matmul`, on oneDNN where it runs).
+hand-written backward (`grouped_conv_taps`). 'xla' uses `lax.conv_general_dilated` (cuDNN
+and TPUs have fast depthwise kernels); 'auto' (default) picks 'taps' only when tracing for
+the CPU backend, where it was measured to help. Same result, same parameters. The 1×1
+convolutions are matmuls on the CPU (`pointwise_as_matmul`). All of it is XLA's own
+operations through JAX's public API: the same program compiles on every platform and
+exports (`jax.export`, SavedModel, ONNX) as it is.
 """
 
 import functools
@@ -37,8 +37,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sface_jax.models import cpu_kernels
-from sface_jax.models import onednn
 from sface_jax.models.iresnet import PReLU, batch_norm, check_images, embedding_outputs
 
 Array = jax.Array
@@ -108,18 +106,6 @@ def _taps_forward(x: Array, kernel: Array, stride: int,
   return jax.lax.cond(any_predicate, tap_sum, tap_sum, x, kernel)
 
 
-def _grouped_forward(x: Array, kernel: Array, stride: int,
-                     padding: Sequence[Tuple[int, int]], groups: int) -> Array:
-  """The forward grouped convolution inside `grouped_conv_taps` (its value and its stride-1
-  input gradient): a depthwise one (one input channel per group) on oneDNN's depthwise
-  kernel where oneDNN runs (`onednn.takes`; 1.7-3.4× faster than the tap sum on
-  MobileFaceNet's layers, BENCHMARKS.md § What we tried), the tap sum otherwise (the
-  grouped stem's 2 channels per group are no faster on oneDNN)."""
-  if kernel.shape[2] == 1 and onednn.takes(x, kernel, padding=padding):
-    return onednn.forward_conv(x, kernel, (stride, stride), padding, groups)
-  return _taps_forward(x, kernel, stride, padding, groups)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def grouped_conv_taps(x: Array, kernel: Array, stride: int,
                       padding: Sequence[Tuple[int, int]], groups: int) -> Array:
@@ -132,22 +118,19 @@ def grouped_conv_taps(x: Array, kernel: Array, stride: int,
   The gradient is written out (`_taps_backward`) because XLA's own transpose of the sum
   computes the kernel gradient as one reduction per tap, each reading the input and the
   output gradient again (3-4× slower than PyTorch's depthwise backward at stride 1).
-  Depthwise forward passes run on oneDNN where they can (`_grouped_forward`), kernel
-  gradients on our CPU kernel (`cpu_kernels`).
   """
-  return _grouped_forward(x, kernel, stride, padding, groups)
+  return _taps_forward(x, kernel, stride, padding, groups)
 
 
 def _forward_with_residuals(x, kernel, stride, padding, groups):
-  return _grouped_forward(x, kernel, stride, padding, groups), (x, kernel)
+  return _taps_forward(x, kernel, stride, padding, groups), (x, kernel)
 
 
 def _reduced_kernel_grad(x: Array, dy: Array, kernel_shape: Sequence[int], stride: int,
                          padding: Sequence[Tuple[int, int]], groups: int) -> Array:
   """d/dkernel[i, j, c, g, o] = Σ_{b,p,q} x_pad[b, s·p + i, s·q + j, g, c] · dy[b, p, q, g, o]
   in XLA: all taps in one variadic reduction that reads x and dy once, accumulated in float32
-  (over the batch first where that is faster, see below). Where our CPU kernel is not
-  available: it is 3.5-26× faster (`cpu_kernels`)."""
+  (over the batch first where that is faster, see below)."""
   kh, kw, group_in, features = kernel_shape
   out_h, out_w = dy.shape[1:3]
   grouped_x = _split_groups(_pad(x, padding), groups).astype(jnp.float32)
@@ -174,8 +157,7 @@ def _taps_backward(stride, padding, groups, residuals, dy):
   (in, out) swapped, padded by k − 1 − p; at stride s > 1, the transpose of the (linear)
   forward in x, without computing the forward again (its strided-slice transposes fuse
   into one loop, and a dilated dy would be s² times larger).
-  d/dkernel: our CPU kernel where it is available (`cpu_kernels`), else XLA's reductions
-  (`_reduced_kernel_grad`).
+  d/dkernel: all taps in one reduction (`_reduced_kernel_grad`).
   """
   x, kernel = residuals
   kh, kw, group_in, features = kernel.shape
@@ -183,21 +165,29 @@ def _taps_backward(stride, padding, groups, residuals, dy):
   if stride == 1:
     flipped = kernel[::-1, ::-1].reshape(kh, kw, group_in, groups, group_out)
     transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, group_out, x.shape[-1])
-    dx = _grouped_forward(dy, transposed, 1,
+    dx = _taps_forward(dy, transposed, 1,
                           ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
                            (kw - 1 - padding[1][0], kw - 1 - padding[1][1])), groups)
   else:
     transpose = jax.linear_transpose(
         lambda x: _taps_forward(x, kernel, stride, padding, groups), x)
     dx, = transpose(dy)
-  if cpu_kernels.available():
-    dkernel = cpu_kernels.grouped_conv_kernel_grad(x, dy, kernel.shape, stride, padding, groups)
-  else:
-    dkernel = _reduced_kernel_grad(x, dy, kernel.shape, stride, padding, groups)
+  dkernel = _reduced_kernel_grad(x, dy, kernel.shape, stride, padding, groups)
   return dx, dkernel.astype(kernel.dtype)
 
 
 grouped_conv_taps.defvjp(_forward_with_residuals, _taps_backward)
+
+
+def _is_plain_nhwc(lhs: Array, rhs: Array, lhs_dilation, rhs_dilation, dimension_numbers,
+                   feature_group_count: int) -> bool:
+  """Whether `lax.conv_general_dilated`'s arguments are a plain 2-D convolution: NHWC input
+  and output, HWIO kernel, no dilation, no groups."""
+  plain = ('NHWC', 'HWIO', 'NHWC')
+  return (lhs.ndim == 4 and feature_group_count == 1
+          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, plain))
 
 
 def pointwise_as_matmul(lhs: Array, rhs: Array, window_strides: Sequence[int], padding,
@@ -208,19 +198,17 @@ def pointwise_as_matmul(lhs: Array, rhs: Array, window_strides: Sequence[int], p
 
   Why: XLA:CPU runs a 1×1 convolution's forward pass and input gradient as matmuls already,
   but its kernel gradient as an Eigen convolution; as the transpose of this matmul it is
-  the (B·H·W, C_in)ᵀ·(B·H·W, C_out) matmul, 1.3-2.1× faster on MobileFaceNet's shapes. The
-  matmuls go to oneDNN (`onednn.matmul`, where available), which runs these long, thin
-  products 1.1-3× faster than XLA's dot (BENCHMARKS.md § What we tried). Same parameter, same
-  result to float32 rounding.
+  the (B·H·W, C_in)ᵀ·(B·H·W, C_out) matmul, 1.3-2.1× faster on MobileFaceNet's shapes
+  (BENCHMARKS.md § What we tried). Same parameter, same result to float32 rounding.
   """
   zero_padding = (padding in ('SAME', 'VALID') if isinstance(padding, str)
                   else all(p == 0 for pair in padding for p in pair))
   if (jax.default_backend() == 'cpu' and rhs.shape[:2] == (1, 1) and zero_padding
       and tuple(window_strides) == (1, 1)
-      and onednn.is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
-                                    feature_group_count)):
-    rows = onednn.matmul(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]),
-                         precision=precision)
+      and _is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count)):
+    rows = jnp.dot(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]),
+                   precision=precision)
     return rows.reshape(*lhs.shape[:3], rhs.shape[-1])
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

@@ -86,6 +86,8 @@ from typing import Any
 
 import numpy as np
 
+from sface_jax import compilation_cache
+
 FORMATS = ('savedmodel', 'onnx')
 METADATA_FILE = os.path.join('assets.extra', 'sface_export.json')
 INPUT_NAME = 'images'
@@ -256,7 +258,6 @@ def write_savedmodel(model, variables, image_size: int, path: str, metadata: dic
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
-  from sface_jax.models import custom_calls  # pylint: disable=g-import-not-at-top
 
   def serve(variables, pixels):
     return model.apply(variables, images_lib.normalize(pixels), train=False)[0]
@@ -282,9 +283,8 @@ def write_savedmodel(model, variables, image_size: int, path: str, metadata: dic
                                  lambda: tf.zeros([0, embedding_dim], tf.float32))}
 
   module.serving_default = serving_default
-  # TensorFlow runs the module with its own XLA: neither our CPU custom calls nor StableHLO
-  # newer than that XLA reads.
-  with custom_calls.disabled(), _stablehlo_readable_by(_tensorflow_stablehlo_version()):
+  # TensorFlow runs the module with its own XLA: no StableHLO newer than that XLA reads.
+  with _stablehlo_readable_by(_tensorflow_stablehlo_version()):
     tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
   os.makedirs(os.path.join(path, 'assets.extra'), exist_ok=True)
   with open(os.path.join(path, METADATA_FILE), 'w') as f:
@@ -615,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='SavedModel: platforms to lower for (cpu, cuda, tpu)')
   parser.add_argument('--model', default=None,
                       help='architecture to load the weights into; default: the trained one')
+  compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
   args = parser.parse_args(argv)
   try:
     pixels = None
