@@ -19,19 +19,16 @@ import shutil
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_backbone
 from sface_jax import checkpoint
 from sface_jax import cli
 from sface_jax import evaluate
-from sface_jax import models
 from sface_jax import progress
 from sface_jax.evaluation import report
 from sface_jax.evaluation import verification
-from sface_jax.tools import import_torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ('sface_jax.embed', 'sface_jax.evaluate', 'sface_jax.evaluation.identification',
@@ -170,13 +167,8 @@ SIZE, DIM = 32, 16
 @pytest.fixture(scope='module')
 def tiny_workdir(tmp_path_factory):
   """A work directory holding one checkpoint (step 0) of the tiny backbone."""
-  model = models.get_model('tiny', embedding_dim=DIM)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-  workdir = tmp_path_factory.mktemp('evaluate') / 'run'
-  config = import_torch.imported_config('tiny', embedding_dim=DIM, image_size=SIZE,
-                                        source='test_cli')
-  checkpoint.save_backbone(str(workdir), config, variables)
-  return workdir
+  return tiny_backbone.write_workdir(tmp_path_factory.mktemp('evaluate') / 'run',
+                                     image_size=SIZE, embedding_dim=DIM, source='test_cli')[0]
 
 
 def _metrics(seed):

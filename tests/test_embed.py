@@ -14,18 +14,16 @@ import sys
 import textwrap
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 import multi_device
+import tiny_backbone
 from sface_jax import checkpoint
 from sface_jax import embed
-from sface_jax import models
 from sface_jax.evaluation import embedding
-from sface_jax.tools import import_torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -35,14 +33,9 @@ BATCH = 4
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
-  model = models.get_model('tiny', embedding_dim=DIM)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-  workdir = tmp_path_factory.mktemp('embed') / 'run'
-  config = import_torch.imported_config('tiny', embedding_dim=DIM, image_size=SIZE,
-                                        source='test_embed')
-  config.eval.batch_size = BATCH
-  checkpoint.save_backbone(str(workdir), config, variables)
-  return workdir, model, variables
+  return tiny_backbone.write_workdir(tmp_path_factory.mktemp('embed') / 'run', image_size=SIZE,
+                                     embedding_dim=DIM, source='test_embed',
+                                     eval_batch_size=BATCH)
 
 
 def _reference(model, variables, paths, flip):

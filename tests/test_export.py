@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sface_jax import checkpoint
+import tiny_backbone
 from sface_jax import models
 from sface_jax.tools import export
-from sface_jax.tools import import_torch
 
 SIZE = 32
 EMBEDDING_DIM = 16
@@ -61,13 +60,9 @@ def orl_faces(shared_data: pathlib.Path, count: int = 6) -> tuple[np.ndarray, li
 
 def write_workdir(directory: pathlib.Path, size: int):
   """A randomised tiny backbone trained at `size`, saved as the work directory `tiny_run`."""
-  model = models.get_model('tiny', embedding_dim=EMBEDDING_DIM)
-  variables = randomised(model, size=size)
-  workdir = directory / 'tiny_run'
-  config = import_torch.imported_config('tiny', embedding_dim=EMBEDDING_DIM, image_size=size,
-                                        source='test_export')
-  checkpoint.save_backbone(str(workdir), config, variables)
-  return workdir, model, variables
+  return tiny_backbone.write_workdir(
+      directory / 'tiny_run', image_size=size, embedding_dim=EMBEDDING_DIM, source='test_export',
+      variables=randomised(models.get_model('tiny', embedding_dim=EMBEDDING_DIM), size=size))
 
 
 @pytest.fixture(scope='module')

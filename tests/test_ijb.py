@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sface_jax import checkpoint
+import tiny_backbone
 from sface_jax import models
 from sface_jax.data import align
 from sface_jax.data import ijb as ijb_data
 from sface_jax.evaluation import ijb
-from sface_jax.tools import import_torch
 
 SIZE = 112  # the template is exact at 112: integer offsets make alignment a pure shift
 PEOPLE = 6
@@ -112,9 +111,9 @@ def reference_scores(features, faces, pairs, detector_score=True):
 def test_scores_match_numpy_reference(ijb_folder, tmp_path):
   root, faces = ijb_folder
   model, variables = randomised_tiny()
-  workdir = tmp_path / 'tiny'
-  checkpoint.save_backbone(str(workdir), import_torch.imported_config(
-      'tiny', embedding_dim=16, image_size=SIZE, source='test_ijb'), variables)
+  workdir, _, _ = tiny_backbone.write_workdir(tmp_path / 'tiny', image_size=SIZE,
+                                              embedding_dim=16, source='test_ijb',
+                                              variables=variables)
   assert ijb.main(['--workdir', str(workdir), '--ijb-dir', str(root), '--target', 'ijbc',
                    '--batch-size', '32', '--workers', '2']) == 0
   with open(workdir / 'eval' / 'ijb_ijbc.json') as f:

@@ -228,6 +228,17 @@ def arcface_torch(config: ml_collections.ConfigDict) -> None:
   config.schedule.first_step_at_peak = True
 
 
+def zhongyy_sface(config: ml_collections.ConfigDict, *, a: float, b: float) -> None:
+  """zhongyy/SFace's training step over the base optimiser (which is theirs: SGD momentum 0.9,
+  weight decay 5e-4 except on batch-norm parameters): SFace with its paper's k = 80, s = 64
+  and the recipe's a, b; PyTorch's batch-norm running variance; a bfloat16 backbone."""
+  config.model.dtype = 'bfloat16'
+  config.model.bn_running_var = 'unbiased'
+  config.head.name = 'sface'
+  config.head.sface.a = a
+  config.head.sface.b = b
+
+
 def use_orl(config: ml_collections.ConfigDict) -> None:
   """Trains on ORL s1–s30, converted into `<workdir>/data` on first use; s31–s40 held out."""
   config.data.dir = ''

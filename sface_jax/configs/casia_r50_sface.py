@@ -22,11 +22,7 @@ from sface_jax.configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'casia')
-  config.model.dtype = 'bfloat16'
-  config.model.bn_running_var = 'unbiased'
-  config.head.name = 'sface'
-  config.head.sface.a = 0.87
-  config.head.sface.b = 1.2
+  base.zhongyy_sface(config, a=0.87, b=1.2)
   config.batch_size = 256
   config.num_epochs = 125.0
   config.schedule.boundaries_epochs = (50.0, 70.0, 80.0)

@@ -16,11 +16,7 @@ from sface_jax.configs import base
 def get_config(variant: str | None = None):
   config = base.get_config()
   base.use_dataset(config, 'ms1mv2')
-  config.model.dtype = 'bfloat16'
-  config.model.bn_running_var = 'unbiased'
-  config.head.name = 'sface'
-  config.head.sface.a = 0.9
-  config.head.sface.b = 1.2
+  base.zhongyy_sface(config, a=0.9, b=1.2)
   config.num_epochs = base.epochs(180_000, config.batch_size, 'ms1mv2')
   config.schedule.boundaries_epochs = tuple(
       base.epochs(s, config.batch_size, 'ms1mv2') for s in (100_000, 160_000))
