@@ -44,12 +44,19 @@ class Interrupted(Exception):
 class _Interrupts:
   """SIGTERM (what preemptible TPU VMs send) and SIGINT (Ctrl-C) end the current step, save a
   checkpoint there and stop (`Interrupted`); a second SIGINT stops at once, without saving
-  (KeyboardInterrupt)."""
+  (KeyboardInterrupt).
+
+  On several hosts every process must stop at the same step (the save is collective), whichever
+  of them received the signal: they stop at JAX's preemption sync point, and every
+  `agree_every` steps they all-gather which signal each has received, so a signal that
+  reaches one process (Ctrl-C in one terminal) stops them all at the next such step.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, agree_every: int = 1):
     self.received: int | None = None
+    self._agree_every = max(agree_every, 1)
     self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
   def _handle(self, signum, frame):
@@ -64,11 +71,20 @@ class _Interrupts:
           f'step and stopping{again}.', file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:  # every host must stop at the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return (self.received is not None
-              or multihost_utils.reached_preemption_sync_point(step))
-    return self.received is not None
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.received = self.received or signal.SIGTERM
+      return True
+    if step % self._agree_every:
+      return False
+    received = multihost_utils.process_allgather(np.asarray(self.received or 0, np.int32))
+    if not np.any(received):
+      return False
+    self.received = self.received or int(np.max(received))
+    return True
 
   def restore(self):
     for signum, handler in self._previous.items():
@@ -170,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results: dict[str, Any] = {}
   clock = progress.Progress(total_steps, start_step)
   last_print = time.perf_counter()
-  interrupts = _Interrupts()
+  interrupts = _Interrupts(agree_every=config.log_every_steps)
   stop_at_once = False
   step = start_step
   try:

@@ -60,6 +60,13 @@ def _command(workdir, data_dir, *overrides):
           '--workdir', str(workdir), f'--config.data.dir={data_dir}', *TINY, *overrides]
 
 
+def _free_port() -> int:
+  """A port for the multi-host coordinator, taken from the OS (tests run side by side)."""
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    return probe.getsockname()[1]
+
+
 def _env(devices: int = 1) -> dict:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=str(REPO))
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
@@ -193,6 +200,36 @@ def test_ctrl_c_saves_the_step_it_reached_and_resumes(dataset, straight, tmp_pat
   resumed = _run(tmp_path / 'run', dataset, *overrides)
   assert f'Resuming from step {step}' in resumed.stdout
   _assert_states_close(_state(tmp_path / 'run'), _state(straight), 0)
+
+
+def test_ctrl_c_on_one_host_stops_every_host_at_one_step(dataset, tmp_path):
+  """Two processes × 4 devices; Ctrl-C reaches process 1 only (its terminal). Both stop after
+  the same step, the next one at which they compare (`log_every_steps`), with one checkpoint
+  there, and both exit 130: none is left waiting in a collective for the other."""
+  port = _free_port()
+  overrides = ('--config.num_steps=200', '--config.checkpoint_every_steps=1000',
+               '--config.log_every_steps=2')
+  env = dict(_env(4), JAX_ENABLE_COMPILATION_CACHE='false')  # as test_two_hosts_equal_one_host
+  hosts = [subprocess.Popen(
+      _command(tmp_path / 'run', dataset, *overrides) + [
+          '--multihost', f'--coordinator=localhost:{port}', '--num_processes=2',
+          f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for line in hosts[1].stdout:
+    if line.startswith('step 2/200'):
+      hosts[1].send_signal(signal.SIGINT)
+      break
+  outputs = [host.communicate(timeout=300) for host in hosts]
+  steps = []
+  for host, (stdout, stderr) in zip(hosts, outputs):
+    assert host.returncode == 130, stderr[-3000:]
+    stopped = [line for line in stdout.splitlines() if line.startswith('Stopped at step')]
+    assert len(stopped) == 1, stdout[-3000:]
+    steps.append(int(stopped[0].split()[3]))
+  assert steps[0] == steps[1] and steps[0] % 2 == 0 and 2 <= steps[0] < 200, steps
+  saved = [p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert saved == [str(steps[0])]
 
 
 def test_a_second_ctrl_c_stops_at_once():
@@ -374,9 +411,7 @@ def test_two_hosts_equal_one_host(orl_dataset, tmp_path):
   dataset = orl_dataset
   overrides = ('--config.num_steps=3', '--config.checkpoint_every_steps=3')
   single = _run(tmp_path / 'one', dataset, *overrides, devices=8)
-  with socket.socket() as probe:  # a free port for the coordinator
-    probe.bind(('localhost', 0))
-    port = probe.getsockname()[1]
+  port = _free_port()
   workdir = tmp_path / 'two'
   # Without the persistent compilation cache: JAX writes it from process 0 only, so a later
   # run would load the step there while process 1 compiles it, and on a busy machine the
