@@ -216,11 +216,15 @@ def test_ctrl_c_on_one_host_stops_every_host_at_one_step(dataset, tmp_path):
           f'--process_id={i}'],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  for line in hosts[1].stdout:
-    if line.startswith('step 2/200'):
-      hosts[1].send_signal(signal.SIGINT)
-      break
-  outputs = [host.communicate(timeout=300) for host in hosts]
+  try:
+    for line in hosts[1].stdout:
+      if line.startswith('step 2/200'):
+        hosts[1].send_signal(signal.SIGINT)
+        break
+    outputs = [host.communicate(timeout=300) for host in hosts]
+  finally:  # a host left waiting for the other (the failure this test is for) is ended
+    for host in hosts:
+      host.kill()
   steps = []
   for host, (stdout, stderr) in zip(hosts, outputs):
     assert host.returncode == 130, stderr[-3000:]
