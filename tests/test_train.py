@@ -123,6 +123,11 @@ def _assert_states_close(state, expected, tolerance, what=''):
                                err_msg=f'{what}: {name}')
 
 
+# One unit in the last printed digit (losses are printed to 4 decimals) and a little more,
+# because two runs equal to round-off can round to neighbouring printed values.
+PRINTED_LOSS_TOLERANCE = 1.5e-4
+
+
 def _losses(stdout: str) -> list[float]:
   return [float(line.split('| loss ')[1].split(' ')[0])
           for line in stdout.splitlines() if line.startswith('step ') and '| loss ' in line]
@@ -336,7 +341,9 @@ def test_resume_on_another_device_count(device_runs, ten_classes, tmp_path, sour
                 '--config.checkpoint_every_steps=2', devices=destination)
   assert 'Resuming from step 2' in result.stdout and f'{destination} device(s)' in result.stdout
   reference, reference_losses = device_runs[destination]
-  assert _losses(result.stdout) == pytest.approx(reference_losses[2:], abs=1e-4)  # as printed
+  # Losses are printed to 4 decimals: round-off in the 5th can flip the last printed digit.
+  assert _losses(result.stdout) == pytest.approx(reference_losses[2:],
+                                                 abs=PRINTED_LOSS_TOLERANCE)
   final, expected = _state(workdir), _state(reference)
   _assert_states_close(final, expected, DEVICE_COUNT_TOLERANCE, f'{source} → {destination}')
   # Not vacuous: the two steps moved the centres, their momentum and the backbone far more.
@@ -431,7 +438,8 @@ def test_two_hosts_equal_one_host(orl_dataset, tmp_path):
   for host, (_, stderr) in zip(hosts, outputs):
     assert host.returncode == 0, stderr[-5000:]
   assert '8 device(s)' in outputs[0][0]
-  assert _losses(outputs[0][0]) == pytest.approx(_losses(single.stdout), abs=1e-5)
+  assert _losses(outputs[0][0]) == pytest.approx(_losses(single.stdout),
+                                                 abs=PRINTED_LOSS_TOLERANCE)
   one, two = _state(tmp_path / 'one'), _state(workdir)
   assert any(name.endswith('trace/classifier/class_centers') for name in one)
   _assert_states_close(two, one, DEVICE_COUNT_TOLERANCE, '2 × 4 against 1 × 8')
