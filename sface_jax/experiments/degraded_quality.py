@@ -1,4 +1,4 @@
-"""Degraded-quality study: does quality-aware SFace learn clean hard faces and spare degraded ones? (issue 38)
+"""Degraded-quality study: does quality-aware SFace learn clean hard faces, spare degraded ones?
 
   python -m sface_jax.experiments.degraded_quality --workdir runs/degraded_quality
 
@@ -43,7 +43,7 @@ Decisions (nobody to ask; written here):
   the size, about the network's input, then bilinear back: at full size its 8×8 blocks vanish
   in the resize); heavy noise (Gaussian, σ = 80 grey levels, clipped); occlusion (a black
   rectangle over 45 % of the image, width 50–90 % of the image, placed uniformly). Which images
-  are degraded: one fixed permutation (`--degrade-seed`, default 0) whose first round(p·N)
+  are degraded: one fixed permutation (`--degraded-seed`, default 0) whose first round(p·N)
   records are degraded, so the 20 % set is part of the 40 % set, the kinds dealt in turn over
   that order (balanced); the same for every head and seed (paired). Labels are never changed.
 * Heads. Every head keeps its `configs/base.py` defaults (scale s = 32 for all, the demo's),
@@ -53,20 +53,19 @@ Decisions (nobody to ask; written here):
   at the end of a 300-step run and the anchor would not be quality-aware.
 * The weight each head gives a sample (the plot). Per training image i, the pull towards its
   own centre, w_i = −(N/s)·∂L/∂cos θ_iy: SFace's r_intra (∈ [0, 1]), v2's (1 + γẑ_i)·r_intra,
-  and (1 − p_y)·∂(target logit)/∂cos θ_y / s·s for the softmax heads, all on one scale. It is
-  measured after training from checkpoints every 50 steps (the cheaper honest way: the head
-  cannot tell which images are degraded), as a training step would see the un-augmented
-  training images: the backbone in training mode (batch norm over batches of 30, not its
-  running statistics, which give other norms), un-flipped, and the checkpoint's own running
-  norm statistics for ẑ. An image is *hard* at a checkpoint when θ_y > a (SFace's a: where
-  r_intra is ≈ 1). The plot
-  and table give the mean weight of clean-hard and degraded-hard images; `result.json` also
-  has their counts, θ and norms (does the norm flag the degraded images at all?).
+  and (1 − p_y)·∂ψ/∂cos θ_y for a softmax head with target logit s·ψ(θ_y) (CosFace: 1 − p_y),
+  all on one scale. It is measured after training from checkpoints every 50 steps (the
+  cheaper honest way: the head cannot tell which images are degraded), as a training step
+  would see the un-augmented training images: the backbone in training mode (batch norm over
+  batches of 30, not its running statistics, which give other norms), un-flipped, and the
+  checkpoint's own running norm statistics for ẑ. An image is *hard* at a checkpoint when
+  θ_y > a (SFace's a: where r_intra is ≈ 1). The plot and table give the mean weight of
+  clean-hard and degraded-hard images; `result.json` also has their counts, θ, norms and ẑ
+  (does the norm flag the degraded images at all?).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
@@ -102,16 +101,13 @@ DEGRADED_PAIR_SET = 'orl_val_degraded'
 TRAJECTORY_POINTS = 6  # checkpoints a run is measured at (every steps / 6)
 OUTPUTS = ('quality_sface_table.md', 'quality_sface_results.json', 'quality_sface_accuracy.png',
            'quality_sface_weights.png')
-REFERENCES = ('sface', 'arcface')
-COMPARED = (('accuracy', 'acc. clean'), ('tar_at_far_1e-2', 'TAR clean'),
-            ('degraded_accuracy', 'acc. degraded'), ('degraded_tar_at_far_1e-2', 'TAR degraded'))
 
 # The smallest study (the CI test and the notebook's smoke mode), plus the calibration run.
 SMOKE = dict(heads=('arcface', 'quality_sface_v2'), degraded=(0.4,), seeds=(0,),
              recipe=study.SMOKE_RECIPE)
 
 
-# ---- degradations -----------------------------------------------------------------------------
+# ---- degradations ----------------------------------------------------------------------------
 
 
 def draw_degradations(count: int, seed: int) -> list[dict[str, Any]]:
@@ -232,7 +228,7 @@ def _json(value):
   return json.loads(json.dumps(value))  # tuples → lists: comparable with a read manifest
 
 
-# ---- the weight a head gives a sample ------------------------------------------------------
+# ---- the weight a head gives a sample --------------------------------------------------------
 
 
 def pull_weights(head_config, cos_theta: np.ndarray, labels: np.ndarray,
@@ -358,7 +354,7 @@ def trajectory_point(step: int, arrays: dict[str, np.ndarray], degraded: np.ndar
   return point
 
 
-# ---- the study ------------------------------------------------------------------------------------
+# ---- the study -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -373,11 +369,35 @@ class DegradedQuality(study.Study):
   """The degraded-quality study (module docstring)."""
   name = 'degraded_quality'
   prefix = 'degraded'
+  title = 'Degraded-quality study'
+  description = ('Degraded-quality study of ArcFace, CosFace, AdaFace, SFace and quality-aware '
+                 'SFace v1 and v2 on the ORL faces (see the module docstring of '
+                 'sface_jax.experiments.degraded_quality).')
+  level_title = 'training images degraded'
+  treatment = 'image degraded'
+  data = 'ORL s1–s30 train (part degraded), s31–s40 pairs'
   heads = HEADS
+  default_levels = DEFAULT_DEGRADED
+  columns = (
+      study.Column('accuracy', 'accuracy, clean pairs (%)'),
+      study.Column('tar_at_far_1e-2', 'TAR@1e-2, clean (%)'),
+      study.Column('degraded_accuracy', 'accuracy, one degraded (%)'),
+      study.Column('degraded_tar_at_far_1e-2', 'TAR@1e-2, one degraded (%)'),
+      study.Column('clean_hard_weight', 'pull, clean-hard', 1.0, 2),
+      study.Column('degraded_hard_weight', 'pull, degraded-hard', 1.0, 2, treated_only=True),
+      study.Column('norm_ratio_degraded_to_clean', 'norm, degraded / clean', 1.0, 2,
+                   treated_only=True))
+  extra_keys = ('degraded_to_clean_hard_weight',)
+  plotted = (('accuracy', 'accuracy, clean pairs'), ('tar_at_far_1e-2', 'TAR@1e-2, clean pairs'),
+             ('degraded_accuracy', 'accuracy, one image degraded'),
+             ('degraded_tar_at_far_1e-2', 'TAR@1e-2, one image degraded'))
+  compared = (('accuracy', 'acc. clean'), ('tar_at_far_1e-2', 'TAR clean'),
+              ('degraded_accuracy', 'acc. degraded'),
+              ('degraded_tar_at_far_1e-2', 'TAR degraded'))
+  table_note = ('"Pull" is −(N/s)·∂L/∂cos θ_y at the end of training, averaged over the hard '
+                'training images (θ_y > a), clean or degraded; "norm" the mean feature norm of '
+                'the degraded training images over that of the clean ones.')
   outputs = OUTPUTS
-
-  def __init__(self, degrade_seed: int = 0):
-    self.degrade_seed = degrade_seed
 
   def data_dir(self, workdir, level):
     return degraded_dir(workdir, level)
@@ -394,12 +414,12 @@ class DegradedQuality(study.Study):
     _, labels = study.read_records(clean_dir)  # degrading never changes a label
     for level in levels:
       manifests[level] = write_degraded_dataset(clean_dir, degraded_dir(workdir, level), level,
-                                                self.degrade_seed)
+                                                self.treatment_seed)
       images, _ = study.read_records(degraded_dir(workdir, level))
       pixels[level] = images_lib.decode_all(images, recipe.image_size,
                                             name=f'training set, {study.pct(level)}% degraded')
     degraded_pairs = write_degraded_pairs(clean_dir, os.path.join(workdir, 'pairs'),
-                                          self.degrade_seed)
+                                          self.treatment_seed)
     return Context(manifests=manifests, train_pixels=pixels, labels=labels,
                    pair_sets=[pair_sets.load(study.PAIR_SET, clean_dir, recipe.image_size),
                               pair_sets.load(degraded_pairs, '', recipe.image_size)])
@@ -433,85 +453,10 @@ class DegradedQuality(study.Study):
             'norm_ratio_degraded_to_clean': ratio(end['degraded_norm'], end['clean_norm']),
             'trajectory': trajectory}
 
-  def write_outputs(self, workdir, runs, *, sface_ab, recipe, context):
-    del context
+  def plot(self, workdir, runs, results, path):
+    del workdir
     heads = [h for h in HEADS if any(r.head == h for r in runs)]
-    levels = sorted({r.level for r in runs})
-    results = study.load_results(workdir, runs)
-    summary = study.summarise(results, SUMMARY_KEYS)
-    failed = study.diverged(workdir, runs)
-    labels = {h: spec.label for h, spec in HEADS.items()}
-    table = format_table(summary, heads, levels, failed)
-    differences, rows = {}, []
-    for reference in (r for r in REFERENCES if r in heads):
-      differences[reference], found = study.difference_table(
-          results, heads, levels, [reference], COMPARED, labels, 'degraded')
-      rows += found
-    done = len(results) + len(failed)
-    subtitle = (f'ORL s1–s30 train (part degraded), s31–s40 pairs; {recipe.model} '
-                f'{recipe.image_size}px, {recipe.steps} steps; mean and bootstrap 95 % interval '
-                f'over seeds ({done}/{len(runs)} runs done)')
-    study.plot_metrics_against_level(
-        summary, heads, levels,
-        (('accuracy', 'accuracy, clean pairs'), ('tar_at_far_1e-2', 'TAR@1e-2, clean pairs'),
-         ('degraded_accuracy', 'accuracy, one image degraded'),
-         ('degraded_tar_at_far_1e-2', 'TAR@1e-2, one image degraded')),
-        labels, 'training images degraded (%)', os.path.join(workdir, OUTPUTS[2]), subtitle)
-    plot_weights(results, heads, levels, os.path.join(workdir, OUTPUTS[3]))
-    ab = ('' if sface_ab is None else
-          f'SFace a = {sface_ab["a"]}, b = {sface_ab["b"]} rad ({sface_ab["rule"]}). ')
-    difference_text = ''.join(
-        f'\n\n### Against {labels[r]}\n\n{text}' for r, text in differences.items())
-    text = (f'# Degraded-quality study ({done}/{len(runs)} runs)\n\n{subtitle}. {ab}'
-            f'Degradation seed {self.degrade_seed}.\n\n'
-            'Each cell: mean [bootstrap 95 % interval of the mean over seeds]. "Pull" is '
-            '−(N/s)·∂L/∂cos θ_y at the end of training, averaged over the hard training images '
-            '(θ_y > a), clean or degraded; "norm" the mean feature norm of degraded over clean '
-            'training images.\n\n'
-            f'{table}\n\n## Paired differences (points), seed by seed\n\n'
-            'Mean [bootstrap 95 % interval] of (head − reference) over the seeds both ran, '
-            'then how many seeds favour the head; **bold**: the interval excludes 0 (a '
-            f'difference we call).{difference_text}\n')
-    with files.atomic_write(os.path.join(workdir, OUTPUTS[0])) as f:
-      f.write(text)
-    out = {'runs_done': done, 'runs': len(runs), 'sface_ab': sface_ab,
-           'recipe': dataclasses.asdict(recipe), 'degrade_seed': self.degrade_seed,
-           'severity': SEVERITY,
-           'rows': [{'head': h, 'degraded': l, **v} for (h, l), v in summary.items()],
-           'diverged': [str(r) for r in failed], 'paired_differences': rows,
-           'table': table, 'differences': differences}
-    with files.atomic_write(os.path.join(workdir, OUTPUTS[1])) as f:
-      json.dump(out, f, indent=1, default=float)
-    return out
-
-
-SUMMARY_KEYS = ('accuracy', 'tar_at_far_1e-2', 'degraded_accuracy', 'degraded_tar_at_far_1e-2',
-                'clean_hard_weight', 'degraded_hard_weight', 'degraded_to_clean_hard_weight',
-                'norm_ratio_degraded_to_clean')
-
-
-def format_table(summary, heads: Sequence[str], levels: Sequence[float],
-                 failed: Sequence[study.Run]) -> str:
-  lines = ['| head | degraded | seeds | accuracy, clean pairs (%) | TAR@1e-2, clean (%) | '
-           'accuracy, one degraded (%) | TAR@1e-2, one degraded (%) | pull, clean-hard | '
-           'pull, degraded-hard | norm, degraded / clean |',
-           '|---|---|---|---|---|---|---|---|---|---|']
-  for head in heads:
-    for level in levels:
-      row = summary.get((head, level))
-      lost = sum(r.head == head and r.level == level for r in failed)
-      if row is None and not lost:
-        continue
-      row = row or {k: {} for k in SUMMARY_KEYS} | {'seeds': []}
-      cell = lambda key, scale=100.0, digits=1: study.format_cell(row[key], scale, digits)
-      seeds = str(len(row['seeds'])) + (f' (+{lost} diverged)' if lost else '')
-      lines.append(f'| {HEADS[head].label} | {study.pct(level)}% | {seeds} | '
-                   f'{cell("accuracy")} | {cell("tar_at_far_1e-2")} | '
-                   f'{cell("degraded_accuracy")} | {cell("degraded_tar_at_far_1e-2")} | '
-                   f'{cell("clean_hard_weight", 1.0, 2)} | '
-                   f'{cell("degraded_hard_weight", 1.0, 2)} | '
-                   f'{cell("norm_ratio_degraded_to_clean", 1.0, 2)} |')
-  return '\n'.join(lines)
+    plot_weights(results, heads, sorted({r.level for r in runs}), path)
 
 
 def plot_weights(results, heads: Sequence[str], levels: Sequence[float], path: str) -> bool:
@@ -564,41 +509,17 @@ def plot_weights(results, heads: Sequence[str], levels: Sequence[float], path: s
 def run_study(workdir: str, *, heads: Sequence[str] = tuple(HEADS),
               degraded: Sequence[float] = DEFAULT_DEGRADED,
               seeds: Sequence[int] = study.DEFAULT_SEEDS, recipe: Recipe = Recipe(),
-              degrade_seed: int = 0, sface_a: float | None = None,
-              sface_b: float | None = None, docs: str = '',
-              keep_checkpoints: bool = False) -> dict[str, Any]:
+              degraded_seed: int = 0, **options) -> dict[str, Any]:
   """Trains and evaluates every run not done yet, then writes the tables and plots (copied
-  into `docs` when given). Returns the summary (`quality_sface_results.json`'s contents)."""
-  return study.run_study(DegradedQuality(degrade_seed), workdir, heads=heads, levels=degraded,
-                         seeds=seeds, recipe=recipe, sface_a=sface_a, sface_b=sface_b,
-                         docs=docs, keep_checkpoints=keep_checkpoints)
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.experiments.degraded_quality',
-      description='Degraded-quality study of ArcFace, CosFace, AdaFace, SFace and quality-aware '
-                  'SFace v1 and v2 on the ORL faces (see the module docstring).')
-  study.add_arguments(parser, DegradedQuality())
-  parser.add_argument('--degraded', type=study.fractions, default=list(DEFAULT_DEGRADED),
-                      help='fractions of degraded training images, e.g. 0,0.2,0.4 or 0,20,40 '
-                           '(default: 0,20,40)')
-  parser.add_argument('--degrade-seed', type=int, default=0,
-                      help='seed of which images are degraded, and how (default: %(default)s)')
-  return parser.parse_args(argv)
+  into `docs=` when given; `options` as `study.run_study`). Returns the summary
+  (`quality_sface_results.json`'s contents)."""
+  return study.run_study(DegradedQuality(degraded_seed), workdir, heads=heads, levels=degraded,
+                         seeds=seeds, recipe=recipe, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  args = parse_args(argv)
-  run_study(args.workdir, heads=study.head_list(args), degraded=args.degraded,
-            seeds=args.seeds, recipe=study.recipe_of(args), degrade_seed=args.degrade_seed,
-            sface_a=args.sface_a, sface_b=args.sface_b, docs=args.docs,
-            keep_checkpoints=args.keep_checkpoints)
-  return 0
+  """`python -m sface_jax.experiments.degraded_quality --help`."""
+  return study.main(DegradedQuality, argv)
 
 
 if __name__ == '__main__':

@@ -62,9 +62,7 @@ Decisions (nobody to ask; written here):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -72,7 +70,6 @@ from typing import Any
 
 import numpy as np
 
-from sface_jax import files
 from sface_jax.experiments import study
 
 HeadSpec = study.HeadSpec
@@ -90,15 +87,13 @@ DEFAULT_NOISE = (0.0, 0.2, 0.4)
 NOISE_FILE = 'noise.json'
 OUTPUTS = ('label_noise_table.md', 'label_noise_results.json', 'label_noise_accuracy.png',
            'label_noise_theta.png')
-REFERENCES = ('sface', 'arcface')  # the paired differences are against these heads
-COMPARED = (('accuracy', 'accuracy'), ('tar_at_far_1e-2', 'TAR@1e-2'))
 
 # The smallest study (the CI test and the notebook's smoke mode): run_study(workdir, **SMOKE).
 # The clean ArcFace run that calibrates SFace's a, b is added to these: 3 runs.
 SMOKE = dict(heads=('arcface', 'sface'), noise=(0.4,), seeds=(0,), recipe=study.SMOKE_RECIPE)
 
 
-# ---- label flipping -------------------------------------------------------------------------
+# ---- label flipping --------------------------------------------------------------------------
 
 
 def flip_labels(labels: np.ndarray, fraction: float, num_classes: int,
@@ -148,7 +143,7 @@ def write_noisy_dataset(clean_dir: str, output: str, fraction: float, seed: int)
        'noisy_labels': noisy.tolist()}, 'labels')
 
 
-# ---- the study ------------------------------------------------------------------------------------
+# ---- the study -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -162,11 +157,28 @@ class LabelNoise(study.Study):
   """The label-noise study (module docstring)."""
   name = 'label_noise'
   prefix = 'noise'
+  title = 'Label-noise study'
+  description = ('Label-noise study of ArcFace, CosFace, SFace and quality-aware SFace on the '
+                 'ORL faces (see the module docstring of sface_jax.experiments.label_noise).')
+  level_title = 'label noise'
+  treatment = 'label flipped'
+  data = 'ORL s1–s30 train (labels flipped), s31–s40 pairs'
   heads = HEADS
+  default_levels = DEFAULT_NOISE
+  columns = (
+      study.Column('accuracy', 'held-out accuracy (%)'),
+      study.Column('tar_at_far_1e-2', 'TAR@FAR=1e-2 (%)'),
+      study.Column('theta_label_clean_deg', 'θ to label centre, clean (°)', 1.0),
+      study.Column('theta_label_flipped_deg', 'θ to label centre, flipped (°)', 1.0,
+                   treated_only=True),
+      study.Column('flipped_nearest_is_noisy_label',
+                   'flipped samples fitted to the wrong label (%)', treated_only=True))
+  extra_keys = ('theta_true_flipped_deg', 'flipped_nearest_is_true_label',
+                'clean_train_accuracy')
+  plotted = (('accuracy', 'held-out verification accuracy'),
+             ('tar_at_far_1e-2', 'held-out TAR @ FAR = 1e-2'))
+  compared = (('accuracy', 'accuracy'), ('tar_at_far_1e-2', 'TAR@1e-2'))
   outputs = OUTPUTS
-
-  def __init__(self, noise_seed: int = 0):
-    self.noise_seed = noise_seed
 
   def data_dir(self, workdir, level):
     return noise_dir(workdir, level)
@@ -175,7 +187,7 @@ class LabelNoise(study.Study):
     from sface_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
     from sface_jax.data import pair_sets  # pylint: disable=g-import-not-at-top
     noise = {level: write_noisy_dataset(clean_dir, noise_dir(workdir, level), level,
-                                        self.noise_seed) for level in levels}
+                                        self.treatment_seed) for level in levels}
     train_images, _ = study.read_records(clean_dir)
     pixels = images_lib.decode_all(train_images, recipe.image_size, name='training set')
     return Context(noise=noise, train_pixels=pixels,
@@ -212,77 +224,9 @@ class LabelNoise(study.Study):
         'num_flipped': int(flipped.sum()),
     }
 
-  def write_outputs(self, workdir, runs, *, sface_ab, recipe, context):
-    del context
-    heads = [h for h in HEADS if any(r.head == h for r in runs)]
-    levels = sorted({r.level for r in runs})
-    results = study.load_results(workdir, runs)
-    summary = study.summarise(results, SUMMARY_KEYS)
-    failed = study.diverged(workdir, runs)
-    labels = {h: spec.label for h, spec in HEADS.items()}
-    table = format_table(summary, heads, levels, failed)
-    differences, difference_rows = study.difference_table(
-        results, heads, levels, [r for r in REFERENCES if r in heads], COMPARED, labels,
-        'label noise')
-    done = len(results) + len(failed)
-    subtitle = (f'ORL s1–s30 train, s31–s40 pairs; {recipe.model} {recipe.image_size}px, '
-                f'{recipe.steps} steps; mean and bootstrap 95 % interval over seeds '
-                f'({done}/{len(runs)} runs done)')
-    study.plot_metrics_against_level(
-        summary, heads, levels, (('accuracy', 'held-out verification accuracy'),
-                                 ('tar_at_far_1e-2', 'held-out TAR @ FAR = 1e-2')),
-        labels, 'training labels flipped (%)', os.path.join(workdir, OUTPUTS[2]), subtitle)
-    plot_theta(workdir, runs, os.path.join(workdir, OUTPUTS[3]))
-    ab = ('' if sface_ab is None else
-          f'SFace a = {sface_ab["a"]}, b = {sface_ab["b"]} rad ({sface_ab["rule"]}). ')
-    text = (f'# Label-noise study ({done}/{len(runs)} runs)\n\n{subtitle}. {ab}'
-            f'Noise seed {self.noise_seed}.\n\n'
-            'Each cell: mean [bootstrap 95 % interval of the mean over seeds].\n\n'
-            f'{table}\n\n## Paired differences (points), seed by seed\n\n'
-            'Mean [bootstrap 95 % interval] of (head − reference) over the seeds both ran, '
-            'then how many seeds favour the head; **bold**: the interval excludes 0 (a '
-            'difference we call).\n\n'
-            f'{differences}\n')
-    with files.atomic_write(os.path.join(workdir, OUTPUTS[0])) as f:
-      f.write(text)
-    out = {'runs_done': done, 'runs': len(runs), 'sface_ab': sface_ab,
-           'recipe': dataclasses.asdict(recipe), 'noise_seed': self.noise_seed,
-           'rows': [{'head': h, 'noise': l, **v} for (h, l), v in summary.items()],
-           'diverged': [str(r) for r in failed], 'paired_differences': difference_rows,
-           'table': table, 'differences': differences}
-    with files.atomic_write(os.path.join(workdir, OUTPUTS[1])) as f:
-      json.dump(out, f, indent=1, default=float)
-    return out
-
-
-SUMMARY_KEYS = ('accuracy', 'tar_at_far_1e-2', 'theta_label_clean_deg',
-                'theta_label_flipped_deg', 'theta_true_flipped_deg',
-                'flipped_nearest_is_noisy_label', 'flipped_nearest_is_true_label',
-                'clean_train_accuracy')
-
-
-def format_table(summary, heads: Sequence[str], levels: Sequence[float],
-                 failed: Sequence[study.Run]) -> str:
-  lines = ['| head | label noise | seeds | held-out accuracy (%) | TAR@FAR=1e-2 (%) | '
-           'θ to label centre, clean (°) | θ to label centre, flipped (°) | '
-           'flipped samples fitted to the wrong label (%) |',
-           '|---|---|---|---|---|---|---|---|']
-  for head in heads:
-    for level in levels:
-      row = summary.get((head, level))
-      lost = sum(r.head == head and r.level == level for r in failed)
-      if row is None and not lost:
-        continue
-      row = row or {k: {} for k in SUMMARY_KEYS} | {'seeds': []}
-      flipped = study.format_cell(row['theta_label_flipped_deg'], 1.0) if level > 0 else '–'
-      memorised = study.format_cell(row['flipped_nearest_is_noisy_label']) if level > 0 else '–'
-      seeds = str(len(row['seeds'])) + (f' (+{lost} diverged)' if lost else '')
-      lines.append(f'| {HEADS[head].label} | {study.pct(level)}% | {seeds} | '
-                   f'{study.format_cell(row["accuracy"])} | '
-                   f'{study.format_cell(row["tar_at_far_1e-2"])} | '
-                   f'{study.format_cell(row["theta_label_clean_deg"], 1.0)} | {flipped} | '
-                   f'{memorised} |')
-  return '\n'.join(lines)
+  def plot(self, workdir, runs, results, path):
+    del results
+    plot_theta(workdir, runs, path)
 
 
 def plot_theta(workdir: str, runs: Sequence[study.Run], path: str) -> bool:
@@ -327,40 +271,17 @@ def plot_theta(workdir: str, runs: Sequence[study.Run], path: str) -> bool:
 def run_study(workdir: str, *, heads: Sequence[str] = tuple(HEADS),
               noise: Sequence[float] = DEFAULT_NOISE,
               seeds: Sequence[int] = study.DEFAULT_SEEDS, recipe: Recipe = Recipe(),
-              noise_seed: int = 0, sface_a: float | None = None,
-              sface_b: float | None = None, docs: str = '',
-              keep_checkpoints: bool = False) -> dict[str, Any]:
+              noise_seed: int = 0, **options) -> dict[str, Any]:
   """Trains and evaluates every run not done yet, then writes the tables and plots (copied
-  into `docs` when given). Returns the summary (`label_noise_results.json`'s contents)."""
+  into `docs=` when given; `options` as `study.run_study`). Returns the summary
+  (`label_noise_results.json`'s contents)."""
   return study.run_study(LabelNoise(noise_seed), workdir, heads=heads, levels=noise,
-                         seeds=seeds, recipe=recipe, sface_a=sface_a, sface_b=sface_b,
-                         docs=docs, keep_checkpoints=keep_checkpoints)
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m sface_jax.experiments.label_noise',
-      description='Label-noise study of ArcFace, CosFace, SFace and quality-aware SFace on '
-                  'the ORL faces (see the module docstring).')
-  study.add_arguments(parser, LabelNoise())
-  parser.add_argument('--noise', type=study.fractions, default=list(DEFAULT_NOISE),
-                      help='fractions of flipped labels, e.g. 0,0.2,0.4 or 0,20,40 '
-                           '(default: 0,20,40)')
-  parser.add_argument('--noise-seed', type=int, default=0,
-                      help='seed of the label flipping (default: %(default)s)')
-  return parser.parse_args(argv)
+                         seeds=seeds, recipe=recipe, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  args = parse_args(argv)
-  run_study(args.workdir, heads=study.head_list(args), noise=args.noise, seeds=args.seeds,
-            recipe=study.recipe_of(args), noise_seed=args.noise_seed, sface_a=args.sface_a,
-            sface_b=args.sface_b, docs=args.docs, keep_checkpoints=args.keep_checkpoints)
-  return 0
+  """`python -m sface_jax.experiments.label_noise --help`."""
+  return study.main(LabelNoise, argv)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""What the ORL studies share (`label_noise`, `degraded_quality`): runs, resuming, a and b, statistics.
+"""What the ORL studies (`label_noise`, `degraded_quality`) share: runs, resuming, a, b, statistics.
 
 A study trains a few heads at a few *levels* of one treatment of the training set (labels
 flipped, images degraded) with several seeds, one recipe for all, and evaluates every run on
@@ -158,7 +158,7 @@ def write_dataset_copy(clean_dir: str, output: str, images: Sequence[bytes],
   return manifest
 
 
-# ---- runs --------------------------------------------------------------------------------------
+# ---- runs ------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +346,7 @@ def choose_sface_ab(theta_file: str) -> dict:
                   'training images of the clean ArcFace run (first seed) at the end of training'}
 
 
-# ---- statistics --------------------------------------------------------------------------------
+# ---- statistics ------------------------------------------------------------------------------
 
 
 def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,
@@ -477,7 +477,7 @@ def summarise(results: dict[tuple[str, float, int], dict], keys: Sequence[str]
   return summary
 
 
-# ---- plots --------------------------------------------------------------------------------------
+# ---- plots -----------------------------------------------------------------------------------
 
 
 def figure(width: float, height: float):
@@ -521,19 +521,45 @@ def plot_metrics_against_level(summary, heads: Sequence[str], levels: Sequence[f
   save_figure(fig, path)
 
 
-# ---- the study loop ----------------------------------------------------------------------------
+# ---- the study loop --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """A column of a study's table: the mean [95 % interval] of result `key` × `scale`."""
+  key: str
+  title: str
+  scale: float = 100.0
+  digits: int = 1
+  treated_only: bool = False  # '–' at level 0 (e.g. a statistic of the flipped samples)
 
 
 class Study:
   """One study: its heads, its treatment of the training data, its analysis and outputs.
 
-  Subclasses set the attributes and implement `prepare`, `data_dir`, `analyse` and
-  `write_outputs`; `configure` may change a run's config (e.g. its checkpoints).
+  Subclasses set the attributes and implement `prepare`, `data_dir`, `analyse` and `plot`;
+  `configure` may change a run's config (e.g. its checkpoints). The table, the paired
+  differences, the accuracy plot and the JSON summary are written here (`write_outputs`).
   """
-  name: str  # the log prefix
-  prefix: str  # the level's name in run directories: runs/<head>/<prefix><pct>/seed<s>
+  name: str  # the module (python -m sface_jax.experiments.<name>) and the log prefix
+  prefix: str  # the level's name in run directories and flags: --<prefix>, --<prefix>-seed
+  title: str  # of the table
+  description: str  # --help
+  level_title: str  # table column and plot axis, e.g. 'label noise'
+  treatment: str  # what the treatment does to a record, e.g. 'label flipped'
+  data: str  # what is trained on and evaluated, for the subtitle
   heads: dict[str, HeadSpec]
-  outputs: tuple[str, ...]  # files written into the work directory (and copied by --docs)
+  default_levels: tuple[float, ...]
+  columns: tuple[Column, ...]  # the table, after head, level and seeds
+  extra_keys: tuple[str, ...] = ()  # more result keys summarised in the JSON
+  plotted: tuple[tuple[str, str], ...]  # (result key, title): the accuracy plot's panels
+  compared: tuple[tuple[str, str], ...]  # (result key, title): the paired differences
+  references: tuple[str, ...] = ('sface', 'arcface')  # the paired differences are against
+  table_note: str = ''
+  outputs: tuple[str, ...]  # table, JSON, accuracy plot, the study's own plot
+
+  def __init__(self, treatment_seed: int = 0):
+    self.treatment_seed = treatment_seed  # which samples are treated, and how
 
   def log(self, message: str) -> None:
     print(f'[{self.name}] {message}', flush=True)
@@ -557,9 +583,8 @@ class Study:
     is None for the run that sets it."""
     raise NotImplementedError
 
-  def write_outputs(self, workdir: str, runs: Sequence[Run], *, sface_ab, recipe: Recipe,
-                    context: Any) -> dict[str, Any]:
-    """Writes the table and plots into `workdir`; returns the summary (with 'table')."""
+  def plot(self, workdir: str, runs: Sequence[Run], results: dict, path: str) -> None:
+    """The study's own figure (`outputs[3]`), from what has finished."""
     raise NotImplementedError
 
   def runs(self, heads: Sequence[str], levels: Sequence[float], seeds: Sequence[int], *,
@@ -571,6 +596,72 @@ class Study:
       calibration = Run('arcface', 0.0, seeds[0], self.prefix)
       runs = [calibration] + [r for r in runs if r != calibration]
     return runs
+
+  def labels(self) -> dict[str, str]:
+    return {key: spec.label for key, spec in self.heads.items()}
+
+  def format_table(self, summary, heads: Sequence[str], levels: Sequence[float],
+                   failed: Sequence[Run]) -> str:
+    titles = ' | '.join(column.title for column in self.columns)
+    lines = [f'| head | {self.level_title} | seeds | {titles} |',
+             '|---|---|---|' + '---|' * len(self.columns)]
+    for head in heads:
+      for level in levels:
+        row = summary.get((head, level), {})
+        lost = sum(r.head == head and r.level == level for r in failed)
+        if not row and not lost:
+          continue
+        cells = ['–' if column.treated_only and level == 0 else
+                 format_cell(row.get(column.key), column.scale, column.digits)
+                 for column in self.columns]
+        seeds = str(len(row.get('seeds', []))) + (f' (+{lost} diverged)' if lost else '')
+        lines.append(f'| {self.heads[head].label} | {pct(level)}% | {seeds} | '
+                     f'{" | ".join(cells)} |')
+    return '\n'.join(lines)
+
+  def write_outputs(self, workdir: str, runs: Sequence[Run], *, sface_ab,
+                    recipe: Recipe) -> dict[str, Any]:
+    """Writes the table (with the paired differences), the JSON summary and the plots into
+    `workdir`; returns the summary."""
+    heads = [h for h in self.heads if any(r.head == h for r in runs)]
+    levels = sorted({r.level for r in runs})
+    results = load_results(workdir, runs)
+    failed = diverged(workdir, runs)
+    summary = summarise(results, [c.key for c in self.columns] + list(self.extra_keys))
+    table = self.format_table(summary, heads, levels, failed)
+    differences, difference_rows = {}, []
+    for reference in (r for r in self.references if r in heads):
+      differences[reference], rows = difference_table(
+          results, heads, levels, [reference], self.compared, self.labels(), self.level_title)
+      difference_rows += rows
+    done = len(results) + len(failed)
+    subtitle = (f'{self.data}; {recipe.model} {recipe.image_size}px, {recipe.steps} steps; '
+                f'mean and bootstrap 95 % interval over seeds ({done}/{len(runs)} runs done)')
+    plot_metrics_against_level(summary, heads, levels, self.plotted, self.labels(),
+                               f'{self.level_title} (%)', os.path.join(workdir, self.outputs[2]),
+                               subtitle)
+    self.plot(workdir, runs, results, os.path.join(workdir, self.outputs[3]))
+    ab = ('' if sface_ab is None else
+          f'SFace a = {sface_ab["a"]}, b = {sface_ab["b"]} rad ({sface_ab["rule"]}). ')
+    sections = ''.join(f'\n\n### Against {self.heads[r].label}\n\n{text}'
+                       for r, text in differences.items())
+    text = (f'# {self.title} ({done}/{len(runs)} runs)\n\n{subtitle}. {ab}'
+            f'Treatment seed {self.treatment_seed}.\n\n'
+            f'Each cell: mean [bootstrap 95 % interval of the mean over seeds]. '
+            f'{self.table_note}\n\n{table}\n\n## Paired differences (points), seed by seed\n\n'
+            'Mean [bootstrap 95 % interval] of (head − reference) over the seeds both ran, '
+            'then how many seeds favour the head; **bold**: the interval excludes 0 (a '
+            f'difference we call).{sections}\n')
+    with files.atomic_write(os.path.join(workdir, self.outputs[0])) as f:
+      f.write(text)
+    out = {'runs_done': done, 'runs': len(runs), 'sface_ab': sface_ab,
+           'recipe': dataclasses.asdict(recipe), f'{self.prefix}_seed': self.treatment_seed,
+           'rows': [{'head': h, self.prefix: l, **v} for (h, l), v in summary.items()],
+           'diverged': [str(r) for r in failed], 'paired_differences': difference_rows,
+           'table': table, 'differences': differences}
+    with files.atomic_write(os.path.join(workdir, self.outputs[1])) as f:
+      json.dump(out, f, indent=1, default=float)
+    return out
 
 
 def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Sequence[float],
@@ -661,8 +752,7 @@ def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Seque
       with files.atomic_write(ab_path) as f:
         json.dump(sface_ab, f, indent=1)
       study.log(f'SFace a = {sface_ab["a"]:.3f}, b = {sface_ab["b"]:.3f} ({sface_ab["rule"]})')
-    summary = study.write_outputs(workdir, runs, sface_ab=sface_ab, recipe=recipe,
-                                  context=context)
+    summary = study.write_outputs(workdir, runs, sface_ab=sface_ab, recipe=recipe)
   if docs:
     os.makedirs(docs, exist_ok=True)
     for name in study.outputs:
@@ -682,7 +772,7 @@ def _config_record(config) -> dict[str, Any]:
           'batch_size': config.batch_size}
 
 
-# ---- command line -------------------------------------------------------------------------------
+# ---- command line ----------------------------------------------------------------------------
 
 
 def fractions(text: str) -> list[float]:
@@ -694,14 +784,22 @@ def integers(text: str) -> list[int]:
   return [int(v) for v in text.split(',') if v.strip()]
 
 
-def add_arguments(parser: argparse.ArgumentParser, study: Study) -> None:
-  """The flags every study has (its own levels flag is added by the study)."""
+def parse_args(study: Study, argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog=f'python -m sface_jax.experiments.{study.name}',
+                                   description=study.description)
   parser.add_argument('--workdir', required=True,
                       help='where data, runs and outputs (table, plots, JSON) go')
   parser.add_argument('--steps', type=int, default=DEFAULT_STEPS,
                       help='training steps a run (default: %(default)s)')
   parser.add_argument('--seeds', type=integers, default=list(DEFAULT_SEEDS),
                       help='comma-separated training seeds (default: 0,1,2,3,4)')
+  parser.add_argument(f'--{study.prefix}', dest='levels', type=fractions, metavar='FRACTIONS',
+                      default=list(study.default_levels),
+                      help=f'fractions of the training records with their {study.treatment}, '
+                           'e.g. 0,0.2,0.4 or 0,20,40 (default: 0,20,40)')
+  parser.add_argument(f'--{study.prefix}-seed', dest='treatment_seed', type=int, metavar='SEED',
+                      default=0, help=f'seed of which records have their {study.treatment}, '
+                                      'and how (default: %(default)s)')
   parser.add_argument('--heads', default=','.join(study.heads),
                       help='comma-separated, from %(default)s (default: all)')
   parser.add_argument('--model', default=DEFAULT_MODEL,
@@ -717,13 +815,18 @@ def add_arguments(parser: argparse.ArgumentParser, study: Study) -> None:
                            'in --workdir). The committed results are docs/: pass --docs docs '
                            'only to replace them')
   parser.add_argument('--keep-checkpoints', action='store_true',
-                      help='keep each run\'s checkpoints (default: deleted once analysed)')
+                      help="keep each run's checkpoints (default: deleted once analysed)")
+  return parser.parse_args(argv)
 
 
-def recipe_of(args: argparse.Namespace) -> Recipe:
-  return Recipe(steps=args.steps, image_size=args.image_size, model=args.model)
-
-
-def head_list(args: argparse.Namespace) -> list[str]:
-  return [h for h in args.heads.split(',') if h]
-
+def main(study_type: type[Study], argv: Sequence[str] | None = None) -> int:
+  """The command line of a study (`python -m sface_jax.experiments.<name> --help`)."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  args = parse_args(study_type(), argv)
+  run_study(study_type(args.treatment_seed), args.workdir,
+            heads=[h for h in args.heads.split(',') if h], levels=args.levels,
+            seeds=args.seeds, recipe=Recipe(steps=args.steps, image_size=args.image_size,
+                                            model=args.model),
+            sface_a=args.sface_a, sface_b=args.sface_b, docs=args.docs,
+            keep_checkpoints=args.keep_checkpoints)
+  return 0
