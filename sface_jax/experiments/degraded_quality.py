@@ -386,8 +386,10 @@ class DegradedQuality(study.Study):
       study.Column('clean_hard_weight', 'pull, clean-hard', 1.0, 2),
       study.Column('degraded_hard_weight', 'pull, degraded-hard', 1.0, 2, treated_only=True),
       study.Column('norm_ratio_degraded_to_clean', 'norm, degraded / clean', 1.0, 2,
-                   treated_only=True))
-  extra_keys = ('degraded_to_clean_hard_weight',)
+                   treated_only=True),
+      study.Column('norm_auc', 'norm AUC, degraded below clean', 1.0, 2, treated_only=True))
+  extra_keys = ('degraded_to_clean_hard_weight', 'norm_theta_correlation_clean',
+                'norm_theta_correlation_degraded')
   plotted = (('accuracy', 'accuracy, clean pairs'), ('tar_at_far_1e-2', 'TAR@1e-2, clean pairs'),
              ('degraded_accuracy', 'accuracy, one image degraded'),
              ('degraded_tar_at_far_1e-2', 'TAR@1e-2, one image degraded'))
@@ -396,7 +398,9 @@ class DegradedQuality(study.Study):
               ('degraded_tar_at_far_1e-2', 'TAR degraded'))
   table_note = ('"Pull" is −(N/s)·∂L/∂cos θ_y at the end of training, averaged over the hard '
                 'training images (θ_y > a), clean or degraded; "norm" the mean feature norm of '
-                'the degraded training images over that of the clean ones.')
+                'the degraded training images over that of the clean ones, and its AUC the '
+                'probability that a degraded image has a lower norm than a clean one (0.5: the '
+                'norm does not tell them apart; 1: it always does).')
   outputs = OUTPUTS
 
   def data_dir(self, workdir, level):
@@ -453,6 +457,23 @@ class DegradedQuality(study.Study):
             'norm_ratio_degraded_to_clean': ratio(end['degraded_norm'], end['clean_norm']),
             'trajectory': trajectory}
 
+  def derived(self, run_dir):
+    """From the run's `theta.npz` (training mode, end of training): `norm_auc`, the
+    probability that a degraded training image has a lower norm than a clean one (ties ½),
+    and the correlation of the norm with θ_y over the clean and over the degraded images
+    (`norm_theta_correlation_clean`, `_degraded`: negative where the norm tracks how well an
+    image is fitted). Without degraded images, only the clean correlation."""
+    with np.load(os.path.join(run_dir, study.THETA_FILE)) as z:
+      norms, theta_y, degraded = (z['train_mode_norms'], z['train_mode_theta_y'],
+                                  z['degraded'])
+    correlation = lambda m: float(np.corrcoef(norms[m], theta_y[m])[0, 1])
+    out = {'norm_theta_correlation_clean': correlation(~degraded)}
+    if degraded.any():
+      low, high = norms[degraded][:, None], norms[~degraded][None, :]
+      out.update(norm_auc=float(np.mean((low < high) + 0.5 * (low == high))),
+                 norm_theta_correlation_degraded=correlation(degraded))
+    return out
+
   def plot(self, workdir, runs, results, path):
     del workdir
     heads = [h for h in HEADS if any(r.head == h for r in runs)]
@@ -460,9 +481,10 @@ class DegradedQuality(study.Study):
 
 
 def plot_weights(results, heads: Sequence[str], levels: Sequence[float], path: str) -> bool:
-  """Top: mean pull on clean-hard (solid) and degraded-hard (dashed) training images over
-  training, mean over seeds, one panel per degraded level > 0; bottom: their ratio. False
-  (nothing written) before any such run has finished."""
+  """Per degraded level > 0 (columns), over training, mean over seeds: the pull on clean-hard
+  (solid) and degraded-hard (dashed) training images; their ratio; and the quality ẑ of
+  clean (solid) and degraded (dashed) images for the heads that have one. False (nothing
+  written) before any such run has finished."""
   levels = [l for l in levels if l > 0]
   curves = {}
   for head in heads:
@@ -472,11 +494,11 @@ def plot_weights(results, heads: Sequence[str], levels: Sequence[float], path: s
         curves[(head, level)] = found
   if not curves:
     return False
-  fig = study.figure(6.0 * len(levels), 8.0)
-  grid = fig.subplots(2, len(levels), squeeze=False)
+  fig = study.figure(6.0 * len(levels), 11.0)
+  grid = fig.subplots(3, len(levels), squeeze=False)
   colours = {h: f'C{i}' for i, h in enumerate(HEADS)}
   for column, level in enumerate(levels):
-    top, bottom = grid[0][column], grid[1][column]
+    pull, ratio, quality = (grid[row][column] for row in range(3))
     for head in heads:
       if (head, level) not in curves:
         continue
@@ -485,23 +507,29 @@ def plot_weights(results, heads: Sequence[str], levels: Sequence[float], path: s
       mean = lambda key: np.asarray([np.nanmean([np.nan if s[i][key] is None else s[i][key]
                                                  for s in seeds])
                                      for i in range(len(steps))], np.float64)
+      style = dict(color=colours[head], markersize=3)
       clean, degraded = mean('clean_hard_weight'), mean('degraded_hard_weight')
-      label = f'{HEADS[head].label} ({len(seeds)} seeds)'
-      top.plot(steps, clean, '-o', color=colours[head], markersize=3, label=label)
-      top.plot(steps, degraded, '--s', color=colours[head], markersize=3)
+      pull.plot(steps, clean, '-o', label=f'{HEADS[head].label} ({len(seeds)} seeds)', **style)
+      pull.plot(steps, degraded, '--s', **style)
       with np.errstate(invalid='ignore', divide='ignore'):  # no hard image: no ratio
-        ratio = degraded / clean
-      bottom.plot(steps, ratio, '-o', color=colours[head], markersize=3,
-                  label=HEADS[head].label)
-    top.set(title=f'{study.pct(level)}% of training images degraded: pull on hard images '
-                  '(θ_y > a)\nsolid: clean, dashed: degraded',
-            xlabel='training step', ylabel='−(N/s)·∂L/∂cos θ_y')
-    bottom.axhline(1.0, color='k', linewidth=0.8)
-    bottom.set(title='degraded-hard pull / clean-hard pull (< 1: degraded spared)',
-               xlabel='training step', ylabel='ratio')
-    top.grid(alpha=0.3)
-    bottom.grid(alpha=0.3)
+        ratio.plot(steps, degraded / clean, '-o', **style)
+      if seeds[0][-1]['clean_quality'] is not None:
+        quality.plot(steps, mean('clean_quality'), '-o', label=HEADS[head].label, **style)
+        quality.plot(steps, mean('degraded_quality'), '--s', **style)
+    pull.set(title=f'{study.pct(level)}% of training images degraded: pull on hard images '
+                   '(θ_y > a)\nsolid: clean, dashed: degraded',
+             xlabel='training step', ylabel='−(N/s)·∂L/∂cos θ_y')
+    ratio.axhline(1.0, color='k', linewidth=0.8)
+    ratio.set(title='degraded-hard pull / clean-hard pull (< 1: degraded spared)',
+              xlabel='training step', ylabel='ratio')
+    quality.axhline(0.0, color='k', linewidth=0.8)
+    quality.set(title='quality ẑ from the feature norm, mean\nsolid: clean, dashed: degraded',
+                xlabel='training step', ylabel='ẑ')
+    for axes in (pull, ratio, quality):
+      axes.grid(alpha=0.3)
   grid[0][0].legend(fontsize=7)
+  if grid[2][0].get_legend_handles_labels()[0]:
+    grid[2][0].legend(fontsize=7)
   study.save_figure(fig, path)
   return True
 

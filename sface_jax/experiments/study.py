@@ -68,6 +68,7 @@ THETA_FILE = 'theta.npz'
 AB_FILE = 'sface_ab.json'
 SFACE_FAMILY = ('sface', 'quality_sface', 'quality_sface_v2')
 BOOTSTRAP_RESAMPLES = 10_000
+MIN_SEEDS_TO_CALL = 3  # fewer seeds: the interval is (nearly) a point, nothing is called
 
 
 def pct(fraction: float) -> int:
@@ -378,7 +379,8 @@ def paired_differences(results: dict[tuple[str, float, int], dict], head: str, r
                        level: float, key: str) -> dict[str, Any] | None:
   """`key` of `head` minus `reference`, seed by seed, over the seeds both have at `level`:
   mean, bootstrap 95 % interval, how many seeds favour the head, and whether the interval
-  excludes 0 (`called`). None when no seed has both."""
+  excludes 0 with at least `MIN_SEEDS_TO_CALL` seeds (`called`). None when no seed has
+  both."""
   seeds = sorted(s for (h, l, s) in results if h == head and l == level and
                  (reference, level, s) in results)
   pairs = [(results[(head, level, s)].get(key), results[(reference, level, s)].get(key))
@@ -392,7 +394,7 @@ def paired_differences(results: dict[tuple[str, float, int], dict], head: str, r
           'seeds': [s for s, _ in kept], 'differences': differences,
           'mean': float(np.mean(differences)), 'ci95': [low, high],
           'positive': int(np.sum(np.asarray(differences) > 0)),
-          'called': bool(low > 0 or high < 0)}
+          'called': bool(len(differences) >= MIN_SEEDS_TO_CALL and (low > 0 or high < 0))}
 
 
 def format_cell(cell: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
@@ -434,7 +436,7 @@ def difference_table(results: dict[tuple[str, float, int], dict], heads: Sequenc
           if difference is not None:
             rows.append(difference)
           cells.append('' if head == reference else format_difference(difference))
-      if any(cells):
+      if any(cell not in ('', '–') for cell in cells):
         lines.append(f'| {labels[head]} | {pct(level)}% | {" | ".join(cells)} |')
   return '\n'.join(lines), rows
 
@@ -583,6 +585,12 @@ class Study:
     is None for the run that sets it."""
     raise NotImplementedError
 
+  def derived(self, run_dir: str) -> dict[str, Any]:
+    """More numbers of a finished run, computed from its files when the outputs are written
+    (so that every finished run gets them); {} by default."""
+    del run_dir
+    return {}
+
   def plot(self, workdir: str, runs: Sequence[Run], results: dict, path: str) -> None:
     """The study's own figure (`outputs[3]`), from what has finished."""
     raise NotImplementedError
@@ -626,6 +634,8 @@ class Study:
     heads = [h for h in self.heads if any(r.head == h for r in runs)]
     levels = sorted({r.level for r in runs})
     results = load_results(workdir, runs)
+    for (head, level, seed), result in results.items():
+      result.update(self.derived(Run(head, level, seed, self.prefix).directory(workdir)))
     failed = diverged(workdir, runs)
     summary = summarise(results, [c.key for c in self.columns] + list(self.extra_keys))
     table = self.format_table(summary, heads, levels, failed)
