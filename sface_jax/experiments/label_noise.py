@@ -234,7 +234,8 @@ def plot_theta(workdir: str, runs: Sequence[study.Run], path: str) -> bool:
   two highest), first seed. False (nothing written) when no such run has finished."""
   levels = sorted({r.level for r in runs if r.level > 0})[-2:]
   seed = min(r.seed for r in runs)
-  grid = [[study.Run(h, n, seed, LabelNoise.prefix) for h in ('arcface', 'sface')] for n in levels]
+  grid = [[study.Run(h, n, seed, LabelNoise.prefix) for h in ('arcface', 'sface')]
+          for n in levels]
   done = lambda run: os.path.exists(os.path.join(run.directory(workdir), study.THETA_FILE))
   grid = [[r for r in row if done(r)] for row in grid]
   grid = [row for row in grid if row]

@@ -34,9 +34,10 @@ does not depend on the treatment:
   bootstrap, 10 000 resamples of the seeds with replacement, fixed generator); each head is
   compared with a reference head *seed by seed* (same seed, same data: paired), and a
   difference is called only when the bootstrap 95 % interval of the mean paired difference
-  excludes 0. With five seeds the percentile bootstrap is on the narrow side (126 distinct
-  resamples; it under-covers a little against a t interval), so a called difference is a
-  minimum requirement, not proof; the per-seed values are in the JSON output.
+  excludes 0, and never with fewer than 3 seeds. With five seeds the percentile bootstrap is
+  on the narrow side (126 distinct resamples; it under-covers a little against a t interval),
+  so a called difference is a minimum requirement, not proof; the per-seed values are in the
+  JSON output.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class Run:
   head: str
   level: float  # the treated fraction of the training set
   seed: int
-  prefix: str = 'noise'  # the level's name in the run's directory
+  prefix: str  # the level's name in the run's directory (Study.prefix)
 
   def directory(self, workdir: str) -> str:
     return os.path.join(workdir, 'runs', self.head, f'{self.prefix}{pct(self.level):02d}',
