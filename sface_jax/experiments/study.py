@@ -500,11 +500,13 @@ def save_figure(fig, path: str) -> None:
 def plot_metrics_against_level(summary, heads: Sequence[str], levels: Sequence[float],
                                panels: Sequence[tuple[str, str]], labels: dict[str, str],
                                level_title: str, path: str, subtitle: str) -> None:
-  """One panel per (metric, title): mean and bootstrap 95 % interval against the level, one
-  line per head (each head shifted by a fraction of a percent on the x axis, so that equal
-  results do not hide)."""
-  fig = figure(5.5 * len(panels), 4.2)
-  for axes, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+  """One panel per (metric, title), two a row: mean and bootstrap 95 % interval against the
+  level, one line per head (each shifted by a fraction of a percent on the x axis, so that
+  equal results do not hide)."""
+  columns = min(len(panels), 2)
+  rows = -(-len(panels) // columns)
+  fig = figure(5.5 * columns, 4.2 * rows)
+  for axes, (key, title) in zip(fig.subplots(rows, columns, squeeze=False).flat, panels):
     for i, head in enumerate(heads):
       points = [(100 * l, summary[(head, l)][key]) for l in levels
                 if (head, l) in summary and summary[(head, l)][key]['values']]
