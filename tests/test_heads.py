@@ -67,19 +67,21 @@ def np_sphereface_lambda(step, base_, gamma, power, lambda_min):
   return max(lambda_min, base_ * (1.0 + gamma * iteration) ** (-power))
 
 
-def np_sface_weights(cos, labels, s, k, a, b, a_per_sample=None):
-  """(B, C) gradient matrix G; loss = Σ G ⊙ cos."""
+def np_sface_weights(cos, labels, s, k, a, b, a_per_sample=None, height=None):
+  """(B, C) gradient matrix G; loss = Σ G ⊙ cos. Quality-aware SFace: v1 gives each sample
+  its own sigmoid centre (`a_per_sample`), v2 its own height (`height`)."""
   batch = cos.shape[0]
   theta = np.arccos(np.clip(cos, -1.0, 1.0))
   centers = np.full(batch, a) if a_per_sample is None else a_per_sample
+  heights = np.ones(batch) if height is None else height
   g = s / batch / (1.0 + np.exp(k * (theta - b)))  # r_inter
   for i, y in enumerate(labels):
-    g[i, y] = -s / batch / (1.0 + np.exp(-k * (theta[i, y] - centers[i])))  # r_intra
+    g[i, y] = -s / batch * heights[i] / (1.0 + np.exp(-k * (theta[i, y] - centers[i])))
   return g
 
 
-def np_sface_terms(cos, labels, s, k, a, b, a_per_sample=None):
-  g = np_sface_weights(cos, labels, s, k, a, b, a_per_sample)
+def np_sface_terms(cos, labels, s, k, a, b, a_per_sample=None, height=None):
+  g = np_sface_weights(cos, labels, s, k, a, b, a_per_sample, height)
   mask = np.zeros(cos.shape, bool)
   mask[np.arange(len(labels)), labels] = True
   return float(np.sum((g * cos)[mask])), float(np.sum((g * cos)[~mask]))
@@ -131,7 +133,7 @@ def head_config(name):
 
 
 HEAD_NAMES = ('softmax', 'normface', 'sphereface', 'cosface', 'arcface', 'combined', 'sface',
-              'quality_sface', 'adaface', 'center', 'triplet')
+              'quality_sface', 'quality_sface_v2', 'adaface', 'center', 'triplet')
 
 # Margin settings for `margin_logits`: (name, kwargs).
 MARGIN_CASES = {
@@ -470,6 +472,64 @@ def test_quality_sface_against_closed_form():
                heads.sface_loss(cos, labels, scale=64.0, k=80.0, a=0.8, b=1.23), 1e-6, 'z=0')
 
 
+def test_quality_sface_v2_against_closed_form():
+  cos, labels = sface_inputs(5)
+  quality = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+  height = 1.0 + 0.7 * quality.astype(np.float64)
+  c64 = cos.astype(np.float64)
+  params = dict(scale=64.0, k=80.0, a=0.8, b=1.23, gamma=0.7)
+  value, (grad, grad_quality) = jax.value_and_grad(heads.quality_sface_v2_loss,
+                                                   argnums=(0, 2))(cos, labels, quality,
+                                                                   **params)
+  assert_close(value, sum(np_sface_terms(c64, labels, 64.0, 80.0, 0.8, 1.23, height=height)),
+               FORWARD_TOL, 'v2 loss')
+  assert_close(grad, np_sface_weights(c64, labels, 64.0, 80.0, 0.8, 1.23, height=height),
+               GRAD_TOL, 'v2 grad')
+  np.testing.assert_array_equal(grad_quality, 0.0)  # quality is not back-propagated
+  # ẑ = 0 (or γ = 0) is SFace.
+  sface = heads.sface_loss(cos, labels, scale=64.0, k=80.0, a=0.8, b=1.23)
+  assert_close(heads.quality_sface_v2_loss(cos, labels, np.zeros(8, np.float32), **params),
+               sface, 1e-6, 'z=0')
+  assert_close(heads.quality_sface_v2_loss(cos, labels, quality, **{**params, 'gamma': 0.0}),
+               sface, 1e-6, 'gamma=0')
+  with pytest.raises(ValueError, match='gamma'):
+    heads.quality_sface_v2_loss(cos, labels, quality, gamma=1.5)
+  with pytest.raises(ValueError, match='quality_sface_v2.gamma'):
+    config = head_config('quality_sface_v2')
+    config.quality_sface_v2.gamma = -0.1
+    heads.get_head(config)
+
+
+def test_quality_sface_v2_pulls_hard_samples_by_quality_where_v1_cannot():
+  """The seed's ask on hard samples (θ_y ≫ a): more pull (|∂L/∂cos θ_y|) than SFace for a
+  high-quality sample, less for a low-quality one, SFace's at ẑ = 0; per the float64
+  closed form. v1 (centre shift 0.1, k = 80) gives SFace's pull there: the negative result."""
+  a, k, s = 0.8, 80.0, 64.0
+  qualities = np.array([-1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0], np.float32)
+  n = qualities.size
+  for theta_y in (a + 0.2, a + 0.5, 1.6):  # hard: 16, 40 and 64 times 1/k above a
+    cos = np.zeros((n, 3), np.float32)  # other centres at 90°: r_inter ≈ 0 for b = 1.23
+    cos[:, 0] = math.cos(theta_y)
+    labels = np.zeros(n, np.int32)
+    params = dict(scale=s, k=k, a=a, b=1.23)
+    pull = lambda loss, **kw: -np.asarray(jax.grad(loss)(cos, labels, **kw)[:, 0], np.float64)
+    sface = pull(lambda c, l: heads.sface_loss(c, l, **params))
+    v2 = pull(lambda c, l: heads.quality_sface_v2_loss(c, l, qualities, gamma=1.0, **params))
+    v1 = pull(lambda c, l: heads.quality_sface_loss(c, l, qualities, shift=0.1, **params))
+    theta64 = math.acos(float(cos[0, 0]))
+    r = 1.0 / (1.0 + math.exp(-k * (theta64 - a)))
+    expected = s / n * (1.0 + qualities.astype(np.float64)) * r
+    assert_close(v2, expected, GRAD_TOL, f'v2 pull at theta={theta_y}')
+    high, low, zero = qualities > 0, qualities < 0, qualities == 0
+    assert np.all(v2[high] > sface[high] * (1 + 0.05 * qualities[high])), (theta_y, v2, sface)
+    assert np.all(v2[low] < sface[low] * (1 + 0.05 * qualities[low])), (theta_y, v2, sface)
+    assert_close(v2[zero], sface[zero], 1e-6, 'v2 = SFace at z = 0')
+    assert np.all(np.diff(v2) > 0)  # strictly increasing in quality
+    assert v2[0] == 0.0  # γ = 1, ẑ = −1: no pull at all
+    # v1 on the same hard samples: SFace's pull to float32 round-off, whatever the quality.
+    assert_close(v1, sface, 1e-3, f'v1 at theta={theta_y}')
+
+
 # ---------------------------------------------------------------------------------------
 # AdaFace.
 
@@ -498,6 +558,33 @@ def test_adaface_norm_statistics_and_quality():
   one = heads.update_norm_stats(norms[:1], heads.init_norm_stats(), momentum=0.01)
   assert_close([one['norm_mean'], one['norm_std']],
                np_norm_stats(np.array([100.0]), 20.0, 100.0, 0.01), FORWARD_TOL, 'B=1')
+
+
+def test_first_batch_statistics_warm_up_at_once():
+  """first_batch_stats: step 0 sets μ, σ to the batch's own (population) mean and std, later
+  steps move them by the momentum; off (AdaFace's default, the official rule), step 0 moves
+  20 and 100 by the momentum. Opt-in for AdaFace through its config."""
+  x, w, _, _ = head_inputs()
+  norms = np.linalg.norm(x.astype(np.float64), axis=1)
+  batch = (norms.mean(), norms.std())
+  for name, opt_in in (('quality_sface', None), ('quality_sface_v2', None), ('adaface', None),
+                       ('adaface', True)):
+    config = head_config(name)
+    if opt_in is not None:
+      config[name].first_batch_stats = opt_in
+    head = heads.get_head(config)
+    state = head.init_state(C, D)
+    first = numpy_state(run_head(head, x, LABELS, w, None, state, jnp.int32(0))[1])
+    second = numpy_state(run_head(head, x, LABELS, w, None, first, jnp.int32(1))[1])
+    momentum = config[name].momentum
+    if config[name].first_batch_stats:
+      expected_first = batch
+    else:
+      expected_first = np_norm_stats(norms, 20.0, 100.0, momentum)
+      assert name == 'adaface'  # only AdaFace keeps the official start by default
+    assert_close([first['norm_mean'], first['norm_std']], expected_first, FORWARD_TOL, name)
+    assert_close([second['norm_mean'], second['norm_std']],
+                 np_norm_stats(norms, *expected_first, momentum), FORWARD_TOL, name)
 
 
 @pytest.mark.parametrize('official_clamp', [True, False])
@@ -603,7 +690,7 @@ def head_inputs(seed=10):
       centers.astype(np.float32)
 
 
-def reference_head(name, x, w, bias, state):
+def reference_head(name, x, w, bias, state, step=STEP):
   """float64 loss, new state, and the constants the gradient treats as such."""
   config = head_config(name)
   scale = config.scale
@@ -637,16 +724,18 @@ def reference_head(name, x, w, bias, state):
     c = config.sface
     return sum(np_sface_terms(cos, LABELS, scale, c.k, c.a, c.b)), state, \
         np_sface_weights(cos, LABELS, scale, c.k, c.a, c.b)
-  if name in ('adaface', 'quality_sface'):
+  if name in ('adaface', 'quality_sface', 'quality_sface_v2'):
     c = config[name]
-    mean, std = np_norm_stats(norms, state['norm_mean'], state['norm_std'], c.momentum)
+    momentum = 1.0 if c.first_batch_stats and step == 0 else c.momentum
+    mean, std = np_norm_stats(norms, state['norm_mean'], state['norm_std'], momentum)
     z = np_quality(norms, mean, std, c.h)
     new_state = {'norm_mean': mean, 'norm_std': std}
     if name == 'adaface':
       return np_ce(np_adaface_logits(cos, LABELS, z, c.m, scale), LABELS), new_state, z
-    a_i = c.a - c.shift * z
-    return sum(np_sface_terms(cos, LABELS, scale, c.k, c.a, c.b, a_i)), new_state, \
-        np_sface_weights(cos, LABELS, scale, c.k, c.a, c.b, a_i)
+    a_i = c.a - c.shift * z if name == 'quality_sface' else None
+    height = 1.0 + c.gamma * z if name == 'quality_sface_v2' else None
+    return sum(np_sface_terms(cos, LABELS, scale, c.k, c.a, c.b, a_i, height)), new_state, \
+        np_sface_weights(cos, LABELS, scale, c.k, c.a, c.b, a_i, height)
   if name == 'triplet':
     return np_triplet(x, LABELS, config.triplet.margin), state, None
   raise AssertionError(name)
@@ -654,7 +743,7 @@ def reference_head(name, x, w, bias, state):
 
 def reference_loss_with_constants(name, x, w, bias, state, constants):
   """The reference loss as a function of (x, w, bias) with state-derived terms held fixed."""
-  if name in ('sface', 'quality_sface'):
+  if name in ('sface', 'quality_sface', 'quality_sface_v2'):
     return float(np.sum(constants * np_cos(x, w)))  # sigmoid weights are constants
   if name == 'adaface':
     c = head_config(name)
@@ -680,8 +769,14 @@ def numpy_state(state):
   return jax.tree.map(lambda v: np.array(v, np.float64), state)
 
 
-@pytest.mark.parametrize('name', HEAD_NAMES)
-def test_head_against_reference(name):
+# Every head at a late step; the heads with running norm statistics also at step 0, where
+# quality SFace sets them from the batch and AdaFace (the official rule) moves 20 and 100.
+REFERENCE_CASES = [(name, STEP) for name in HEAD_NAMES] + [
+    (name, 0) for name in ('adaface', 'quality_sface', 'quality_sface_v2')]
+
+
+@pytest.mark.parametrize('name,step', REFERENCE_CASES)
+def test_head_against_reference(name, step):
   head = heads.get_head(head_config(name))
   x, w, bias, centers = head_inputs()
   state = head.init_state(C, D)
@@ -691,14 +786,14 @@ def test_head_against_reference(name):
   b_in = bias if head.uses_bias else None
 
   def loss_fn(x_, w_, b_):
-    value, new_state, metrics = run_head(head, x_, LABELS, w_, b_, state, jnp.int32(STEP))
+    value, new_state, metrics = run_head(head, x_, LABELS, w_, b_, state, jnp.int32(step))
     return value, (new_state, metrics)
 
   (value, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(
       loss_fn, argnums=(0, 1, 2), has_aux=True))(x, w_in, b_in)
   x64, w64, b64 = (a.astype(np.float64) for a in (x, w, bias))
   state64 = numpy_state(state)
-  expected, expected_state, constants = reference_head(name, x64, w64, b64, state64)
+  expected, expected_state, constants = reference_head(name, x64, w64, b64, state64, step)
   assert value.dtype == jnp.float32
   assert_close(value, expected, FORWARD_TOL, f'{name} loss')
   jax.tree.map(lambda a, e: assert_close(a, e, FORWARD_TOL, f'{name} state'),

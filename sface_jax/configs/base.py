@@ -130,10 +130,19 @@ def defaults() -> ml_collections.ConfigDict:
   config.head.elasticface_arc = dict(m=0.5, std=0.05, plus=False)
   config.head.elasticface_cos = dict(m=0.35, std=0.05, plus=False)
   config.head.sface = dict(k=80.0, a=0.8, b=1.23)
-  config.head.quality_sface = dict(k=80.0, a=0.8, b=1.23, shift=0.1, h=0.333, momentum=0.01)
+  # Quality-aware SFace (sface_jax/heads/sface.py), quality ẑ from the feature norm with
+  # AdaFace's h and running statistics (momentum); first_batch_stats: the first step's batch
+  # sets the statistics (instead of AdaFace's 20 and 100). v1 shifts r_intra's centre by
+  # −shift·ẑ (a negative result: docs/quality_sface.md); v2 scales its height by 1 + gamma·ẑ.
+  config.head.quality_sface = dict(k=80.0, a=0.8, b=1.23, shift=0.1, h=0.333, momentum=0.01,
+                                   first_batch_stats=True)
+  config.head.quality_sface_v2 = dict(k=80.0, a=0.8, b=1.23, gamma=1.0, h=0.333,
+                                      momentum=0.01, first_batch_stats=True)
   # official_clamp: mk-minchul/AdaFace's cosine clamp ±(1 − 1e-3) and θ + g in [1e-3, π −
-  # 1e-3] (False: clamp to ±1 and [0, π] only; sface_jax/heads/adaface.py).
-  config.head.adaface = dict(m=0.4, h=0.333, momentum=0.01, official_clamp=True)
+  # 1e-3] (False: clamp to ±1 and [0, π] only; sface_jax/heads/adaface.py); first_batch_stats
+  # as for quality SFace (off: the official code starts from 20 and 100).
+  config.head.adaface = dict(m=0.4, h=0.333, momentum=0.01, official_clamp=True,
+                             first_batch_stats=False)
   config.head.center = dict(weight=0.005, alpha=0.5)
   config.head.triplet = dict(margin=0.2)
 

@@ -35,7 +35,9 @@ from sface_jax.heads.margin import margin_logits
 from sface_jax.heads.margin import margin_logits_with_target
 from sface_jax.heads.margin import margin_target
 from sface_jax.heads.sface import quality_intra_center
+from sface_jax.heads.sface import quality_intra_height
 from sface_jax.heads.sface import quality_sface_loss
+from sface_jax.heads.sface import quality_sface_v2_loss
 from sface_jax.heads.sface import sface_loss
 from sface_jax.heads.sface import sface_loss_terms
 from sface_jax.heads.softmax import cross_entropy
@@ -53,7 +55,8 @@ __all__ = [
     'elastic_logits_with_target', 'elastic_margins', 'get_head', 'init_norm_stats',
     'linear_logits', 'lsoftmax_logits', 'lsoftmax_logits_with_target', 'magface_logits',
     'magface_logits_with_target', 'margin_logits', 'margin_logits_with_target', 'margin_target', 'norm_quality',
-    'quality_intra_center', 'quality_sface_loss', 'sface_loss', 'sface_loss_terms',
+    'quality_intra_center', 'quality_intra_height', 'quality_sface_loss',
+    'quality_sface_v2_loss', 'sface_loss', 'sface_loss_terms',
     'sphereface_lambda', 'sphereface_logits', 'sphereface_logits_with_target',
     'sphereface_psi', 'update_centers', 'update_norm_stats',
 ]

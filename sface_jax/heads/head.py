@@ -163,8 +163,18 @@ def _cosine_metrics(inputs: HeadInputs, cos_theta: Array) -> Metrics:
   return metrics
 
 
-def _norm_quality(inputs: HeadInputs, state, momentum: float, h: float):
-  """AdaFace's running norm statistics, updated with the global batch, and ẑ of every sample."""
+def _norm_quality(inputs: HeadInputs, state, step, momentum: float, h: float,
+                  first_batch_stats: bool):
+  """AdaFace's running norm statistics, updated with the global batch, and ẑ of every sample.
+
+  With `first_batch_stats`, the first step (step 0) sets the statistics to its batch's own
+  mean and std instead of moving 20 and 100 by `momentum`: otherwise σ keeps ≈ 100·(1 −
+  momentum)^step of its arbitrary start (still ~5 after 300 steps at 0.01), so |ẑ| stays near
+  0 and the quality signal is off for most of a short run. Off by default for AdaFace, whose
+  official code starts from 20 and 100.
+  """
+  if first_batch_stats:
+    momentum = jnp.where(step == 0, 1.0, momentum)
   state = adaface_lib.update_norm_stats(common.row_norms(inputs.embeddings), state,
                                         momentum=momentum, axis_name=inputs.axis_name)
   quality = adaface_lib.norm_quality(common.row_norms(inputs.all_embeddings), state, h=h)
@@ -338,33 +348,36 @@ def _sphereface_loss(m, base, gamma, power, lambda_min, official_backward) -> Lo
   return loss
 
 
-def _sface_loss(scale, k, a, b, shift=None, h=None, momentum=None) -> LossFn:
-  """SFace; with `shift`, quality-aware SFace (running norm statistics with h, momentum)."""
+def _sface_loss(scale, k, a, b, shift=0.0, gamma=0.0, h=None, momentum=None,
+                first_batch_stats=False) -> LossFn:
+  """SFace; with `h`, quality-aware SFace: ẑ from running norm statistics (h, momentum,
+  first_batch_stats), v1 moving r_intra's centre by −shift·ẑ, v2 scaling its height by
+  1 + gamma·ẑ (sface.py)."""
   sigmoids = dict(scale=float(scale), k=float(k), a=float(a), b=float(b))
+  quality_weights = dict(shift=float(shift), gamma=sface_lib.check_gamma(gamma))
 
   def loss(inputs, state, step):
-    del step
     cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
     metrics = _cosine_metrics(inputs, cos_theta)
     quality = None
-    if shift is not None:
-      state, quality, quality_metrics = _norm_quality(inputs, state, float(momentum), float(h))
+    if h is not None:
+      state, quality, quality_metrics = _norm_quality(inputs, state, step, float(momentum),
+                                                      float(h), bool(first_batch_stats))
       metrics.update(quality_metrics)
     intra, inter = sface_lib.sface_loss_terms(
-        cos_theta, inputs.block_labels, quality=quality,
-        shift=0.0 if shift is None else float(shift), valid=inputs.valid,
-        axis_name=inputs.axis_name, **sigmoids)
+        cos_theta, inputs.block_labels, quality=quality, valid=inputs.valid,
+        axis_name=inputs.axis_name, **quality_weights, **sigmoids)
     metrics['intra_loss'] = jax.lax.stop_gradient(intra)
     metrics['inter_loss'] = jax.lax.stop_gradient(inter)
     return intra + inter, state, metrics
   return loss
 
 
-def _adaface_loss(scale, m, h, momentum, official_clamp) -> LossFn:
+def _adaface_loss(scale, m, h, momentum, official_clamp, first_batch_stats) -> LossFn:
   def loss(inputs, state, step):
-    del step
     cos_theta = cosine_logits(inputs.all_embeddings, inputs.class_centers)
-    state, quality, quality_metrics = _norm_quality(inputs, state, float(momentum), float(h))
+    state, quality, quality_metrics = _norm_quality(inputs, state, step, float(momentum),
+                                                    float(h), bool(first_batch_stats))
     logits, target = adaface_lib.adaface_logits_with_target(
         cos_theta, inputs.block_labels, quality, scale=float(scale), m=float(m),
         official_clamp=bool(official_clamp))
@@ -424,6 +437,8 @@ HEADS: Dict[str, Callable[[Any], Head]] = {
     'sface': lambda c: Head(_sface_loss(c.scale, **c.sface)),
     'quality_sface': lambda c: Head(_sface_loss(c.scale, **c.quality_sface),
                                     init_state=_norm_stats_state),
+    'quality_sface_v2': lambda c: Head(_sface_loss(c.scale, **c.quality_sface_v2),
+                                       init_state=_norm_stats_state),
     'adaface': lambda c: Head(_adaface_loss(c.scale, **c.adaface),
                               init_state=_norm_stats_state),
     'center': lambda c: Head(_softmax_loss(with_centers=True, **c.center), uses_bias=True,
