@@ -134,8 +134,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   setup = step_lib.make_setup(config, num_classes=info.num_classes,
                               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                               mesh=mesh)
-  init_fn = functools.partial(step_lib.create_train_state, config.seed, setup)
-  abstract_state = jax.eval_shape(init_fn)
+  # The seed is an argument, not a constant: one compiled program (and one entry of the
+  # persistent compilation cache) serves every seed.
+  init_fn = functools.partial(step_lib.create_train_state, setup=setup)
+  abstract_state = jax.eval_shape(init_fn, config.seed)
   state_shardings = sharding.tree_shardings(mesh, abstract_state)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = checkpointer.latest_step()
@@ -144,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint.save_config(config, workdir)
   meta = {}
   if start_step is None:
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    state = jax.jit(init_fn, out_shardings=state_shardings)(config.seed)
     start_step = 0
   else:
     abstract = jax.tree.map(
