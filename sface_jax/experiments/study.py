@@ -796,28 +796,28 @@ def integers(text: str) -> list[int]:
 
 
 def parse_args(study: Study, argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The study's flags; every default is shown by `cli.HelpFormatter` (list defaults are
+  given as the strings a user would type, which argparse parses like typed values)."""
   parser = argparse.ArgumentParser(prog=f'python -m sface_jax.experiments.{study.name}',
                                    description=study.description,
                                    formatter_class=cli.HelpFormatter)
   parser.add_argument('--workdir', required=True,
                       help='where data, runs and outputs (table, plots, JSON) go')
-  parser.add_argument('--steps', type=int, default=DEFAULT_STEPS,
-                      help='training steps a run (default: %(default)s)')
-  parser.add_argument('--seeds', type=integers, default=list(DEFAULT_SEEDS),
-                      help='comma-separated training seeds (default: 0,1,2,3,4)')
+  parser.add_argument('--steps', type=int, default=DEFAULT_STEPS, help='training steps a run')
+  parser.add_argument('--seeds', type=integers, default=','.join(map(str, DEFAULT_SEEDS)),
+                      help='comma-separated training seeds')
   parser.add_argument(f'--{study.prefix}', dest='levels', type=fractions, metavar='FRACTIONS',
-                      default=list(study.default_levels),
+                      default=','.join(str(pct(level)) for level in study.default_levels),
                       help=f'fractions of the training records with their {study.treatment}, '
-                           'e.g. 0,0.2,0.4 or 0,20,40 (default: 0,20,40)')
+                           'as percentages (0,20,40) or fractions (0,0.2,0.4)')
   parser.add_argument(f'--{study.prefix}-seed', dest='treatment_seed', type=int, metavar='SEED',
                       default=0, help=f'seed of which records have their {study.treatment}, '
-                                      'and how (default: %(default)s)')
+                                      'and how')
   parser.add_argument('--heads', default=','.join(study.heads),
-                      help='comma-separated, from %(default)s (default: all)')
-  parser.add_argument('--model', default=DEFAULT_MODEL,
-                      help='backbone: r18_small, tiny, ... (default: %(default)s)')
+                      help='comma-separated, any of the default (all of them)')
+  parser.add_argument('--model', default=DEFAULT_MODEL, help='backbone: r18_small, tiny, ...')
   parser.add_argument('--image-size', type=int, default=DEFAULT_IMAGE_SIZE,
-                      help='input pixels per side (default: %(default)s)')
+                      help='input pixels per side')
   parser.add_argument('--sface-a', type=float, default=None,
                       help='bypass the a, b rule (give --sface-b too; default: the rule)')
   parser.add_argument('--sface-b', type=float, default=None,
