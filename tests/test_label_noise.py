@@ -139,3 +139,19 @@ def test_study_end_to_end_notebook_and_resume(tmp_path, monkeypatch, capsys, sfa
   assert label_noise.main(smoke_args(label_noise, workdir, '--docs', str(docs))) == 0
   for name in label_noise.OUTPUTS:
     assert (docs / name).is_file()
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--noise', '150'], '--noise'),
+    (['--heads', 'arcface,nope'], '--heads'),
+    (['--sface-a', '0.5'], '--sface-b'),
+    (['--seeds', ','], '--seeds'),
+])
+def test_a_mistake_in_the_command_is_one_line_before_any_work(flags, named, tmp_path, capsys):
+  workdir = tmp_path / 'study'
+  with pytest.raises(SystemExit) as exit_info:
+    label_noise.main(['--workdir', str(workdir), *flags])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error.startswith('python -m sface_jax.experiments.label_noise: error:') and named in error
+  assert not workdir.exists()  # nothing converted, nothing written

@@ -675,6 +675,21 @@ class Study:
     return out
 
 
+def check_settings(study: Study, *, heads: Sequence[str], levels: Sequence[float],
+                   seeds: Sequence[int], sface_a: float | None, sface_b: float | None) -> None:
+  """Refuses settings a study cannot run, naming the flag, before anything is written."""
+  unknown = sorted(set(heads) - set(study.heads))
+  if unknown:
+    raise ValueError(f'--heads: unknown {unknown}; choose from {", ".join(study.heads)}')
+  if not seeds or not levels or not heads:
+    raise ValueError(f'--heads, --{study.prefix} and --seeds need at least one value each')
+  if any(not 0.0 <= level <= 1.0 for level in levels):
+    raise ValueError(f'--{study.prefix}: {list(levels)} must be fractions in [0, 1] '
+                     '(or percentages in [0, 100])')
+  if (sface_a is None) != (sface_b is None):
+    raise ValueError('give both --sface-a and --sface-b, or neither')
+
+
 def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Sequence[float],
               seeds: Sequence[int], recipe: Recipe, sface_a: float | None = None,
               sface_b: float | None = None, docs: str = '',
@@ -684,13 +699,8 @@ def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Seque
   import jax  # pylint: disable=g-import-not-at-top
   from sface_jax import train  # pylint: disable=g-import-not-at-top
   from sface_jax.data import convert  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(heads) - set(study.heads))
-  if unknown:
-    raise ValueError(f'unknown heads {unknown}; choose from {", ".join(study.heads)}')
-  if not seeds or not levels or not heads:
-    raise ValueError('--heads, the levels and --seeds need at least one value each')
-  if any(not 0.0 <= level <= 1.0 for level in levels):
-    raise ValueError(f'levels {list(levels)} must be fractions in [0, 1]')
+  check_settings(study, heads=heads, levels=levels, seeds=seeds, sface_a=sface_a,
+                 sface_b=sface_b)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:  # repeat compiles (same head, shapes) load
@@ -704,9 +714,7 @@ def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Seque
 
   ab_path = os.path.join(workdir, AB_FILE)
   sface_ab = None
-  if sface_a is not None or sface_b is not None:
-    if sface_a is None or sface_b is None:
-      raise ValueError('give both --sface-a and --sface-b, or neither')
+  if sface_a is not None:
     sface_ab = {'a': sface_a, 'b': sface_b, 'rule': 'given on the command line'}
   elif os.path.exists(ab_path):
     with open(ab_path) as f:
@@ -829,7 +837,14 @@ def parse_args(study: Study, argv: Sequence[str] | None = None) -> argparse.Name
   parser.add_argument('--keep-checkpoints', action='store_true',
                       help="keep each run's checkpoints (default: deleted once analysed)")
   compilation_cache.add_arguments(parser)  # --compilation-cache-dir, --no-compilation-cache
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  args.heads = [h for h in args.heads.split(',') if h]
+  try:  # a mistake in the command: one line and exit status 2, before any work
+    check_settings(study, heads=args.heads, levels=args.levels, seeds=args.seeds,
+                   sface_a=args.sface_a, sface_b=args.sface_b)
+  except ValueError as error:
+    parser.error(str(error))
+  return args
 
 
 def main(study_type: type[Study], argv: Sequence[str] | None = None) -> int:
@@ -837,7 +852,7 @@ def main(study_type: type[Study], argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   args = parse_args(study_type(), argv)
   run_study(study_type(args.treatment_seed), args.workdir,
-            heads=[h for h in args.heads.split(',') if h], levels=args.levels,
+            heads=args.heads, levels=args.levels,
             seeds=args.seeds, recipe=Recipe(steps=args.steps, image_size=args.image_size,
                                             model=args.model),
             sface_a=args.sface_a, sface_b=args.sface_b, docs=args.docs,
