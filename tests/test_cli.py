@@ -137,6 +137,8 @@ MISTAKES = [  # (arguments after --workdir, fragments of the one line)
      ["config.head.name='arcfce' is not a head", "'arcface'", "'sface'"]),
     (['--config', 'demo', '--config.model.name=r51'],
      ["config.model.name='r51' is not a model", "'r50'"]),
+    (['--config', 'demo', '--config.model.bn_running_var=pytorch'],
+     ["config.model.bn_running_var='pytorch'", "'unbiased'"]),
     (['--config', 'demo', '--config.schedule.name=cos'], ["config.schedule.name", "cosine"]),
 ]
 

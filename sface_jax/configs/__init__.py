@@ -66,9 +66,13 @@ def validate(config) -> None:
   import jax
   import jax.numpy as jnp
   from sface_jax import heads, models, optim, step
+  from sface_jax.models import iresnet
   if config.model.name not in models.MODELS:
     raise ConfigError(f'config.model.name={config.model.name!r} is not a model; choose one of '
                       f'{tuple(models.MODELS)}')
+  if config.model.bn_running_var not in iresnet.BN_RUNNING_VARS:
+    raise ConfigError(f'config.model.bn_running_var={config.model.bn_running_var!r}: choose one '
+                      f'of {iresnet.BN_RUNNING_VARS}')
   try:
     jnp.dtype(config.model.dtype)
   except TypeError:
