@@ -2,7 +2,7 @@
 
 On the command line, `positive_int` / `non_negative_int` are argparse types: a bad value
 ends the command at once with argparse's usage line and `argument --batch-size: ...`, exit
-status 2. At the API, `check_positive` / `check_non_negative` raise a ValueError naming the
+status 2. At the API, `check_positive` raises a ValueError naming the
 argument. Either way, before any work: a zero or negative size otherwise surfaces much later
 as a bare `range()` error, an empty result, or uninitialised memory returned as results.
 """
@@ -49,7 +49,3 @@ def check_positive(**values) -> None:
   "use the default")."""
   _check(values, 1)
 
-
-def check_non_negative(**values) -> None:
-  """ValueError naming the first argument that is not an integer ≥ 0 (None allowed)."""
-  _check(values, 0)

@@ -113,11 +113,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   checkpoint). Raises ConfigMismatchError with one line listing the refused fields.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if not (os.path.exists(path) and os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))):
+  if not os.path.exists(path) or latest_step(workdir) is None:
     return []
-  with _reader(workdir) as manager:
-    if manager.latest_step() is None:
-      return []
   with open(path) as f:
     stored = _flat_fields(json.load(f))
   new = _flat_fields(json.loads(config.to_json_best_effort()))
@@ -227,7 +224,7 @@ def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 @contextlib.contextmanager
-def _reader(workdir: str):
+def reader(workdir: str):
   """A read-only manager of `workdir`'s checkpoints, without orbax's read-only warnings."""
   absl_logger = python_logging.getLogger('absl')
   level = absl_logger.level
@@ -243,6 +240,14 @@ def _reader(workdir: str):
     absl_logger.setLevel(level)
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step of a work directory; None when it has none."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return None
+  with reader(workdir) as manager:
+    return manager.latest_step()
+
+
 def workdir_of(path: str) -> str:
   """The work directory of a work directory or of one of its steps (by the path alone)."""
   path = os.path.abspath(path)
@@ -254,17 +259,12 @@ def resolve(path: str) -> tuple[str, int]:
   """A work directory (its newest step) or one step's directory -> (workdir, step)."""
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, CONFIG_FILE)):
-    step = None
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-      with _reader(path) as manager:
-        step = manager.latest_step()
+    step = latest_step(path)
     if step is None:
       raise FileNotFoundError(f'{path} holds no finished checkpoint under {CHECKPOINT_DIR}/')
     return path, step
-  parent = os.path.dirname(path)
-  if (os.path.basename(parent) == CHECKPOINT_DIR and os.path.basename(path).isdigit()
-      and os.path.exists(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
-    return os.path.dirname(parent), int(os.path.basename(path))
+  if is_step_path(path) and os.path.exists(os.path.join(workdir_of(path), CONFIG_FILE)):
+    return workdir_of(path), int(os.path.basename(path))
   raise FileNotFoundError(
       f'{path} is neither a work directory (with {CONFIG_FILE}) nor a checkpoint '
       f'(<workdir>/{CHECKPOINT_DIR}/<step>)')
@@ -353,7 +353,7 @@ def load_for_inference(path: str, *, model_name: str | None = None):
   target = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
       {'params': {'backbone': expected['params']}, 'batch_stats': expected['batch_stats']})
-  with _reader(workdir) as manager:
+  with reader(workdir) as manager:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(

@@ -200,16 +200,15 @@ def shards_of_wrong_size(info: DatasetInfo) -> dict[str, str]:
   return wrong
 
 
-def find_damaged_shard(info: DatasetInfo, shards: list[str] | None = None
-                       ) -> DamagedShardError | None:
-  """Reads every record of `shards` (default: all) to find one that TensorFlow cannot read
+def find_damaged_shard(info: DatasetInfo) -> DamagedShardError | None:
+  """Reads every record of every shard to find one that TensorFlow cannot read
   (truncated, or failing its CRC) or that holds another number of records than recorded.
 
   The slow path, for a read error that names no file: it reads each shard once, in C++.
   """
   tf = images.tensorflow()
   counts = dict(zip(info.shard_paths, (n for _, n in info.shards)))
-  for shard in shards or info.shard_paths:
+  for shard in info.shard_paths:
     try:
       found = int(tf.data.TFRecordDataset(shard).reduce(
           tf.constant(0, tf.int64), lambda n, _: n + 1))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 
 from sface_jax import files
@@ -83,12 +84,17 @@ def write_report(results: Mapping[str, VerificationMetrics], directory: str, *,
   report = {'step': step, 'source': source, 'far_targets': list(FAR_TARGETS),
             'sets': {name: m.to_json() for name, m in results.items()}}
   title = 'verification ROC' + (f' at step {step}' if step is not None else '')
+  drawn = None  # the ROC is drawn once, then copied
   for key, path in targets.items():
     if key.endswith('json'):
       with files.atomic_write(path) as f:
         json.dump(report, f, indent=1, allow_nan=False)
-    else:
+    elif drawn is None:
       plot_roc(results, path, title=title)
+      drawn = path
+    else:
+      with files.atomic_path(path) as tmp:
+        shutil.copyfile(drawn, tmp)
   return targets
 
 

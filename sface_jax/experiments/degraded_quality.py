@@ -183,7 +183,9 @@ def write_degraded_dataset(clean_dir: str, output: str, fraction: float, seed: i
   images, labels = study.read_records(clean_dir)
   order = np.random.default_rng(seed).permutation(len(images))
   chosen = order[:int(round(fraction * len(images)))]
-  specs = draw_degradations(len(images), seed + 1)[:chosen.size]  # nested over fractions
+  # Drawn in turn from one generator: the first k specs are the same for any total, so the
+  # degraded sets of the fractions are nested.
+  specs = draw_degradations(chosen.size, seed + 1)
   images = list(images)
   for index, spec in zip(chosen, specs):
     images[index] = degrade(images[index], spec)
@@ -201,11 +203,8 @@ def write_degraded_pairs(clean_dir: str, directory: str, seed: int) -> str:
   path = os.path.join(directory, f'{DEGRADED_PAIR_SET}.npz')
   manifest_path = os.path.join(directory, f'{DEGRADED_PAIR_SET}.json')
   wanted = {'seed': seed, 'severity': _json(SEVERITY)}
-  if os.path.exists(path) and os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-    if {k: manifest.get(k) for k in wanted} != wanted:
-      raise ValueError(f'{path} was made with other settings; wanted {wanted}: delete it')
+  if study.existing_copy(directory, os.path.basename(manifest_path), wanted,
+                         marker=os.path.basename(path)) is not None:
     return path
   clean = pair_sets.read_pairs(pair_sets.resolve(study.PAIR_SET, clean_dir))
   specs = draw_degradations(clean.num_pairs, seed + 2)
@@ -436,7 +435,7 @@ class DegradedQuality(study.Study):
     checkpoints = [study.load_trained(run_dir, step) for step in study.checkpoint_steps(run_dir)]
     arrays = [checkpoint_arrays(trained, pixels, context.labels) for trained in checkpoints]
     trained = checkpoints[-1]
-    embeddings, _ = study.embed(trained, pixels)  # the rule's θ: flip-summed, running stats
+    embeddings = study.embed(trained, pixels)  # the rule's θ: flip-summed, running stats
     geometry = study.label_geometry(study.angles(embeddings, trained.centers), context.labels)
     study.save_arrays(os.path.join(run_dir, study.THETA_FILE), **geometry,
                       **{f'train_mode_{k}': v for k, v in arrays[-1].items()},

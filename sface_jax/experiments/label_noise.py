@@ -198,7 +198,7 @@ class LabelNoise(study.Study):
     del sface_ab
     trained = study.load_trained(run_dir)
     metrics = study.evaluate_pairs(trained, context.pair_set)
-    embeddings, _ = study.embed(trained, context.train_pixels)
+    embeddings = study.embed(trained, context.train_pixels)
     theta = study.angles(embeddings, trained.centers)
     noise = context.noise[run.level]
     noisy = np.asarray(noise['noisy_labels'])

@@ -103,13 +103,15 @@ def read_records(data_dir: str) -> tuple[list[bytes], np.ndarray]:
   return images, np.asarray(labels, np.int64)
 
 
-def existing_copy(output: str, manifest_name: str, wanted: dict[str, Any]) -> dict | None:
+def existing_copy(output: str, manifest_name: str, wanted: dict[str, Any], *,
+                  marker: str | None = None) -> dict | None:
   """The manifest of a complete copy in `output` made with the settings `wanted` (a subset
   of the manifest's keys); None when there is no complete copy; an error naming the folder
-  when there is one made with other settings."""
+  when there is one made with other settings. `marker`: the file written last, whose
+  presence means complete (default: the dataset's info file)."""
   from sface_jax.data import tfrecord  # pylint: disable=g-import-not-at-top
   manifest_path = os.path.join(output, manifest_name)
-  if not (os.path.exists(os.path.join(output, tfrecord.INFO_FILE)) and
+  if not (os.path.exists(os.path.join(output, marker or tfrecord.INFO_FILE)) and
           os.path.exists(manifest_path)):
     return None
   with open(manifest_path) as f:
@@ -263,40 +265,30 @@ def load_trained(run_dir: str, step: int | None = None) -> Trained:
       'head_state': head_state}
   target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                           sharding=here), target)
-  absl_logger = logging.getLogger('absl')  # orbax warns "read_only=True ..." on every load
-  level = absl_logger.level
-  absl_logger.setLevel(logging.ERROR)
-  manager = ocp.CheckpointManager(os.path.join(run_dir, checkpoint.CHECKPOINT_DIR),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
+  with checkpoint.reader(run_dir) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{run_dir}: no finished checkpoint')
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))).state
-  finally:
-    manager.close()
-    absl_logger.setLevel(level)
   variables = {'params': state['params']['backbone'], 'batch_stats': state['batch_stats']}
   centers = np.asarray(state['params']['classifier']['class_centers'])[:, :info.num_classes]
   return Trained(config=config, model=model, variables=variables, centers=centers,
                  head_state=jax.tree.map(np.asarray, state['head_state']), step=int(step))
 
 
-def embed(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(flip-summed embeddings (N, D) float64, raw norms of the un-flipped images (N,))."""
+def embed(trained: Trained, images: np.ndarray) -> np.ndarray:
+  """Flip-summed embeddings (N, D), float64."""
   from sface_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
-  embeddings, norms = embedding.embed(trained.model, trained.variables, images,
-                                      batch_size=trained.config.eval.batch_size,
-                                      return_norms=True)
-  return np.asarray(embeddings, np.float64), np.asarray(norms, np.float64)[:, 0]
+  return np.asarray(embedding.embed(trained.model, trained.variables, images,
+                                    batch_size=trained.config.eval.batch_size), np.float64)
 
 
 def evaluate_pairs(trained: Trained, pair_set) -> dict[str, float]:
   """Held-out accuracy (10-fold protocol) and TAR at FAR = 1e-2 and 1e-3 of a decoded set."""
   from sface_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
-  embeddings, _ = embed(trained, pair_set.images)
+  embeddings = embed(trained, pair_set.images)
   metrics = verification.verification_metrics(embeddings[0::2], embeddings[1::2],
                                                pair_set.issame, far_targets=(FAR, 1e-3))
   return {'accuracy': metrics.accuracy, 'accuracy_std_folds': metrics.accuracy_std,
@@ -324,9 +316,8 @@ def label_geometry(theta: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarra
 
 
 def save_arrays(path: str, **arrays) -> None:
-  with files.atomic_path(path) as tmp:
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
+  with files.atomic_write(path, 'wb') as f:
+    np.savez(f, **arrays)
 
 
 def remove_checkpoints(run_dir: str) -> None:
@@ -440,28 +431,21 @@ def difference_table(results: dict[tuple[str, float, int], dict], heads: Sequenc
   return '\n'.join(lines), rows
 
 
-def load_results(workdir: str, runs: Sequence[Run]) -> dict[tuple[str, float, int], dict]:
-  """(head, level, seed) → result.json of every finished run that did not diverge."""
-  found = {}
+def load_results(workdir: str, runs: Sequence[Run]
+                 ) -> tuple[dict[tuple[str, float, int], dict], list[Run]]:
+  """((head, level, seed) → result.json of every finished run that did not diverge, the
+  runs that diverged)."""
+  found, failed = {}, []
   for run in runs:
     path = os.path.join(run.directory(workdir), RESULT_FILE)
     if os.path.exists(path):
       with open(path) as f:
         result = json.load(f)
-      if 'failed' not in result:
+      if 'failed' in result:
+        failed.append(run)
+      else:
         found[(run.head, run.level, run.seed)] = result
-  return found
-
-
-def diverged(workdir: str, runs: Sequence[Run]) -> list[Run]:
-  out = []
-  for run in runs:
-    path = os.path.join(run.directory(workdir), RESULT_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        if 'failed' in json.load(f):
-          out.append(run)
-  return out
+  return found, failed
 
 
 def summarise(results: dict[tuple[str, float, int], dict], keys: Sequence[str]
@@ -634,10 +618,9 @@ class Study:
     `workdir`; returns the summary."""
     heads = [h for h in self.heads if any(r.head == h for r in runs)]
     levels = sorted({r.level for r in runs})
-    results = load_results(workdir, runs)
+    results, failed = load_results(workdir, runs)
     for (head, level, seed), result in results.items():
       result.update(self.derived(Run(head, level, seed, self.prefix).directory(workdir)))
-    failed = diverged(workdir, runs)
     summary = summarise(results, [c.key for c in self.columns] + list(self.extra_keys))
     table = self.format_table(summary, heads, levels, failed)
     differences, difference_rows = {}, []
@@ -704,7 +687,7 @@ def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Seque
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:  # repeat compiles (same head, shapes) load
-    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
+    compilation_cache.enable(os.path.join(workdir, 'xla_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
   clean_dir = os.path.join(workdir, 'data')
@@ -732,7 +715,8 @@ def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Seque
     run_dir = run.directory(workdir)
     result_path = os.path.join(run_dir, RESULT_FILE)
     spec = study.heads[run.head]
-    if done(run):
+    changed = not done(run)  # the outputs are rewritten after each run that adds to them
+    if not changed:
       study.log(f'run {i}/{len(runs)} {run}: done already, skipped')
     else:
       if spec.name in SFACE_FAMILY and sface_ab is None:
@@ -771,6 +755,10 @@ def run_study(study: Study, workdir: str, *, heads: Sequence[str], levels: Seque
       with files.atomic_write(ab_path) as f:
         json.dump(sface_ab, f, indent=1)
       study.log(f'SFace a = {sface_ab["a"]:.3f}, b = {sface_ab["b"]:.3f} ({sface_ab["rule"]})')
+      changed = True
+    if changed:
+      summary = study.write_outputs(workdir, runs, sface_ab=sface_ab, recipe=recipe)
+  if summary is None:  # every run was done already: the outputs once, from their files
     summary = study.write_outputs(workdir, runs, sface_ab=sface_ab, recipe=recipe)
   if docs:
     os.makedirs(docs, exist_ok=True)
